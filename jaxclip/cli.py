@@ -1,0 +1,81 @@
+"""The `jaxclip` command line: `jaxclip <subcommand> ...`.
+
+    jaxclip train --config configs/demo.py --workdir runs/demo [--config.train.steps=200 ...]
+
+Config overrides are `--config.<dotted key>=<value>` (or `--config.<key> <value>`); a key that is
+not in the schema or a value of the wrong type is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from jaxclip import config
+
+
+def _split_overrides(extra: list[str]) -> list[str]:
+    """['--config.a=1', '--config.b', '2'] -> ['a=1', 'b=2']; anything else is an error."""
+    out, i = [], 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--config."):
+            raise SystemExit(f"jaxclip: unrecognised argument {arg!r} (config overrides look like "
+                             "--config.train.steps=200)")
+        key = arg[len("--config."):]
+        if "=" not in key:
+            if i + 1 >= len(extra):
+                raise SystemExit(f"jaxclip: override {arg!r} has no value")
+            key = f"{key}={extra[i + 1]}"
+            i += 1
+        out.append(key)
+        i += 1
+    return out
+
+
+def _load_config(args, extra) -> config.ConfigDict:
+    try:
+        return config.load(args.config, _split_overrides(extra))
+    except (config.ConfigError, FileNotFoundError, KeyError) as e:
+        raise SystemExit(f"jaxclip: bad config: {e}") from None
+
+
+def cmd_train(args, extra) -> int:
+    cfg = _load_config(args, extra)
+    from jaxclip import distributed, train
+
+    distributed.maybe_initialize()
+    metrics = train.train(cfg, args.workdir)
+    evals = {k: v for k, v in metrics.items() if k.startswith("eval/") and
+             not k.endswith("/seconds")}
+    if evals:
+        width = max(map(len, evals))
+        print("\nfinal evaluation:")
+        for k, v in sorted(evals.items()):
+            print(f"  {k:<{width}}  {v:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxclip", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train (or resume) an experiment in a workdir")
+    p.add_argument("--config", required=True, help="config file, optionally path.py:arg")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics and config go here")
+    p.set_defaults(fn=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("absl", "jax._src", "orbax", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    return args.fn(args, extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

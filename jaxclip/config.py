@@ -1,0 +1,349 @@
+"""Experiment configs: the defaults schema, config-file loading and command-line overrides.
+
+An experiment is one Python file under `configs/` with `get_config(arg=None)` returning an
+`ml_collections.ConfigDict` (the big_vision convention). The file only needs to set what differs
+from `defaults()` below; `load` merges it onto the defaults, so every key the trainer reads exists
+and every key the experiment sets is checked: a key that is not in the schema is an error naming it
+(with the closest valid key), as is a value of the wrong type. Command-line overrides
+(`--config.train.steps=200`) go through the same checks.
+
+Open sections (`evals`, `loss.aux`, `data.train.mixture`) hold user-named entries and are validated
+by their owners (the evaluator and loss registries, the data pipeline).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import inspect
+import json
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+# Sections whose keys are chosen by the user, validated elsewhere.
+OPEN_SECTIONS = ("evals", "loss.aux", "optim.lr_mults")
+
+
+class ConfigError(ValueError):
+    """A config key or value that the schema rejects."""
+
+
+def defaults() -> ConfigDict:
+    """Every key the trainer understands, with its default. Comments say what each one means."""
+    c = ConfigDict()
+    c.seed = 0
+
+    # Device mesh: sizes of the ("data", "fsdp", "tensor") axes; -1 means "all remaining devices".
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    c.model = m = ConfigDict()
+    m.name = ""  # a registered size ("ViT-B-32", ...) that fills image/text/embed_dim; "" = custom
+    m.embed_dim = 512
+    m.dtype = "float32"  # compute dtype; "bfloat16" on accelerators. Params stay float32.
+    m.scan_layers = True  # lax.scan over stacked layers (constant compile time in depth)
+    m.remat = "none"  # none | full | dots | dots_no_batch  (activation checkpointing per layer)
+    m.attn_impl = "xla"  # xla | cudnn | auto  (jax.nn.dot_product_attention implementation)
+    m.logit_scale_init = math.log(1 / 0.07)
+    m.logit_bias_init = None  # a float enables a learnable bias (SigLIP: -10.0)
+    m.image = ConfigDict(
+        dict(
+            image_size=224,
+            patch_size=32,
+            width=768,
+            depth=12,
+            heads=12,
+            mlp_ratio=4.0,
+            pool="cls",  # cls | map | mean
+            class_token=True,
+            act="gelu",  # gelu | quick_gelu
+            ln_eps=1e-5,
+            locked=False,  # no gradients, no optimizer state (LiT)
+        )
+    )
+    m.text = ConfigDict(
+        dict(
+            vocab_size=49408,
+            context_length=77,
+            width=512,
+            depth=12,
+            heads=8,
+            mlp_ratio=4.0,
+            causal=True,
+            pool="eot",  # eot (first end-of-text token) | last | mean | first
+            eot_id=49407,
+            pad_id=0,
+            act="gelu",
+            ln_eps=1e-5,
+            proj_bias=False,
+            locked=False,
+        )
+    )
+
+    c.loss = lo = ConfigDict()
+    lo.name = "clip"  # a registered objective: clip | siglip | ...
+    lo.impl = "all_gather"  # how the loss runs over the mesh: all_gather | dense
+    lo.label_smoothing = 0.0
+    lo.scale_param = "logit_scale"  # logit_scale (exp of a log-scale) | temperature (ALIGN)
+    lo.scale_max = math.log(100)  # clamp of the log-scale after every step; None disables
+    lo.learn_scale = True
+    lo.direction_reduce = "mean"  # mean | sum of the two directions (ALIGN reproductions differ)
+    lo.aux = ConfigDict()  # name -> weight of registered auxiliary terms
+
+    c.optim = o = ConfigDict()
+    o.lr = 5e-4
+    o.b1 = 0.9
+    o.b2 = 0.98
+    o.eps = 1e-6
+    o.wd = 0.2
+    o.grad_clip = 1.0  # global-norm clip; 0 disables
+    o.schedule = "cosine"  # cosine | constant | linear
+    o.warmup_steps = 0
+    o.end_lr_frac = 0.0  # final lr as a fraction of lr
+    # Regexes over parameter paths ("image/blocks/attn/query/kernel").
+    o.no_decay = ["(^|/)(bias|scale)$", "pos_embed", "cls_token", "logit_(scale|bias)$"]
+    o.frozen = []  # trained not at all: no gradient, no optimizer state
+    o.lr_mults = ConfigDict()  # regex -> learning-rate multiplier
+
+    c.train = t = ConfigDict()
+    t.steps = 1000
+    t.batch_size = 256  # global batch, split over hosts and devices
+    t.log_every = 50
+    t.ckpt_every = 500  # 0 disables periodic checkpoints (a final one is still written)
+    t.keep_ckpts = 2  # keep the latest N ...
+    t.keep_every = 0  # ... plus every M-th step (0: none)
+    t.peak_tflops = 0.0  # per-device peak for MFU; 0 = datasheet table / measured on CPU
+    t.progress = True  # terminal progress bar
+
+    c.data = d = ConfigDict()
+    # The training stream: a dataset directory of jaxclip records, or a built-in name that is
+    # generated/converted into `data.cache_dir` on first use ("shapes", "fashion_mnist", "emoji").
+    d.train = ConfigDict(dict(dataset="", split="train", mixture=[]))
+    d.cache_dir = ""  # "" = $JAXCLIP_CACHE or ~/.cache/jaxclip
+    d.tokenizer = ConfigDict(dict(kind="clip", path="", context_length=77))
+    d.image_size = -1  # -1 = model.image.image_size
+    d.mean = (0.48145466, 0.4578275, 0.40821073)  # CLIP normalisation
+    d.std = (0.26862954, 0.26130258, 0.27577711)
+    d.augment = ConfigDict(dict(kind="none", scale=(0.9, 1.0), ratio=(0.75, 1.3333)))
+    d.caption = "random"  # random | first  (which caption of a multi-caption record)
+    d.workers = 0  # multiprocess prefetch workers (0 = in-process threads)
+    d.prefetch = 2
+    d.shuffle_seed = -1  # -1 = seed
+
+    c.evals = ConfigDict()  # name -> {type, every_steps, ...}; see jaxclip.evals
+    return c
+
+
+def _is_open(path: str) -> bool:
+    return any(path == s or path.startswith(s + ".") for s in OPEN_SECTIONS)
+
+
+def _keys_under(cfg: ConfigDict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in cfg.items():
+        p = f"{prefix}{k}"
+        out.append(p)
+        if isinstance(v, ConfigDict):
+            out.extend(_keys_under(v, p + "."))
+    return out
+
+
+def _unknown_key(path: str, schema: ConfigDict) -> ConfigError:
+    close = difflib.get_close_matches(path, _keys_under(schema), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {path!r}{hint}")
+
+
+def _check_type(path: str, default: Any, value: Any) -> Any:
+    """Returns `value` coerced to the default's type, or raises naming the key."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(default, list | tuple):
+        if isinstance(value, list | tuple):
+            return type(default)(value)
+    else:
+        return value
+    raise ConfigError(
+        f"config key {path!r} expects {type(default).__name__}, got {type(value).__name__} "
+        f"({value!r})"
+    )
+
+
+def _merge(base: ConfigDict, update: ConfigDict | dict, prefix: str = "") -> None:
+    for key, value in update.items():
+        path = f"{prefix}{key}"
+        if _is_open(path) and key not in base:
+            base[key] = value
+            continue
+        if key not in base:
+            raise _unknown_key(path, defaults())
+        current = base[key]
+        if isinstance(current, ConfigDict):
+            if not isinstance(value, dict | ConfigDict):
+                raise ConfigError(f"config key {path!r} is a section; got {value!r}")
+            if _is_open(path):
+                base[key] = ConfigDict(dict(value))
+            else:
+                _merge(current, value, path + ".")
+        else:
+            with base.ignore_type():
+                base[key] = _check_type(path, current, value)
+
+
+def _load_module(path: str):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    name = "jaxclip_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} defines no get_config(arg=None)")
+    return module
+
+
+def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ConfigDict:
+    """Loads `path[:arg]`, merges it onto the defaults and applies `a.b.c=value` overrides.
+
+    A `model.name` (from the file or an override) first fills the model section from the size
+    registry; the experiment's explicit model keys and the overrides then take precedence.
+    """
+    path, _, arg = spec.partition(":")
+    module = _load_module(path)
+    takes_arg = bool(inspect.signature(module.get_config).parameters)
+    user = module.get_config(arg or None) if takes_arg else module.get_config()
+    cfg = defaults()
+    name = user.get("model", {}).get("name", "")
+    for item in overrides:
+        key, _, value = item.removeprefix("config.").partition("=")
+        if key == "model.name":
+            name = value
+    if name:
+        from jaxclip.models.sizes import model_overrides
+
+        _merge(cfg, {"model": model_overrides(name)})
+    _merge(cfg, user)
+    for item in overrides:
+        apply_override(cfg, item)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(values: dict) -> ConfigDict:
+    """The defaults merged with a (possibly partial) nested dict, e.g. a saved config.json."""
+    cfg = defaults()
+    _merge(cfg, values)
+    validate(cfg)
+    return cfg
+
+
+def _parse_value(text: str, default: Any) -> Any:
+    if isinstance(default, str):
+        return text
+    if isinstance(default, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        return text  # rejected by _check_type with the key named
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_override(cfg: ConfigDict, item: str) -> None:
+    """Applies one `a.b.c=value` override; the key must exist (except in open sections)."""
+    key, sep, text = item.partition("=")
+    if not sep:
+        raise ConfigError(f"override {item!r} must look like key=value")
+    key = key.removeprefix("config.")
+    parts = key.split(".")
+    node = cfg
+    for i, part in enumerate(parts[:-1]):
+        path = ".".join(parts[: i + 1])
+        if part not in node:
+            if _is_open(path):
+                node[part] = ConfigDict()
+            else:
+                raise _unknown_key(key, defaults())
+        node = node[part]
+        if not isinstance(node, ConfigDict):
+            raise ConfigError(f"config key {path!r} is not a section")
+    last = parts[-1]
+    if last not in node:
+        if _is_open(key):
+            node[last] = _parse_value(text, None)
+            return
+        raise _unknown_key(key, defaults())
+    current = node[last]
+    if isinstance(current, ConfigDict):
+        raise ConfigError(f"config key {key!r} is a section; set one of its keys instead")
+    value = _check_type(key, current, _parse_value(text, current))
+    with node.ignore_type():
+        node[last] = value
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.attn_impl": ("xla", "cudnn", "auto"),
+    "model.image.pool": ("cls", "map", "mean"),
+    "model.image.act": ("gelu", "quick_gelu"),
+    "model.text.act": ("gelu", "quick_gelu"),
+    "model.text.pool": ("eot", "last", "mean", "first"),
+    "loss.scale_param": ("logit_scale", "temperature"),
+    "loss.direction_reduce": ("mean", "sum"),
+    "optim.schedule": ("cosine", "constant", "linear"),
+    "data.caption": ("random", "first"),
+}
+
+
+def get_path(cfg: ConfigDict, path: str) -> Any:
+    node = cfg
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def validate(cfg: ConfigDict) -> None:
+    """Checks values that have a fixed set of choices or must be positive."""
+    for path, choices in _CHOICES.items():
+        value = get_path(cfg, path)
+        if value not in choices:
+            raise ConfigError(f"config key {path!r} must be one of {choices}, got {value!r}")
+    for path in ("train.steps", "train.batch_size", "train.log_every"):
+        if get_path(cfg, path) <= 0:
+            raise ConfigError(f"config key {path!r} must be positive, got {get_path(cfg, path)}")
+    img = cfg.model.image
+    if img.image_size % img.patch_size:
+        raise ConfigError(
+            f"model.image.image_size={img.image_size} is not a multiple of "
+            f"model.image.patch_size={img.patch_size}"
+        )
+    for tower in ("image", "text"):
+        t = cfg.model[tower]
+        if t.width % t.heads:
+            raise ConfigError(f"model.{tower}.width={t.width} is not divisible by heads={t.heads}")
+
+
+def to_json(cfg: ConfigDict) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)

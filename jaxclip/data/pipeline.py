@@ -1,0 +1,210 @@
+"""The training input pipeline: jaxclip records -> decoded, augmented, tokenised host batches.
+
+Step-indexed (levanter-style) on top of grain's random-access `MapDataset`:
+
+  records --shuffle(seed), reshuffled every epoch--> an infinite global stream of records
+  global batch s = stream elements [s·B, (s+1)·B)          B = train.batch_size
+  host h of n reads elements [s·B + h·b, s·B + (h+1)·b)   b = B / n
+
+so the batch at step s is a pure function of (dataset, seed, B, s). Resuming at step s is reading
+from index s, and the global batch is the same whatever the number of hosts or loader workers —
+batches are formed before grain's (thread or process) prefetch, which only parallelises over whole
+batches and keeps their order. The per-element random augmentation is seeded by (seed, global
+index), so it too is independent of the host layout.
+
+Per element (unavoidably Python): msgpack decode, image decode (Pillow), crop/resize. Per batch
+(vectorised): caption tokenisation (`encode_batch`) and stacking. Images leave the host as uint8;
+normalisation to float happens on device (`normalize_images`), a quarter of the transfer.
+
+A record that cannot be decoded is skipped: its slot is filled by a later element of the stream
+(deterministically), and the batch's `skipped` count reports it so the trainer can log it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from jaxclip.data import records
+
+# Bound on how far a batch may look ahead to replace undecodable records before giving up.
+_MAX_REPLACEMENTS = 64
+
+
+def decode_image(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (img.width, img.height))  # lets JPEG decode straight to RGB
+    return img.convert("RGB")
+
+
+def resize_center(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to `size` (bicubic), then centre-crop to size x size."""
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
+                        scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)) -> Image.Image:
+    """Inception-style crop: random area fraction and aspect ratio, resized to size x size."""
+    w, h = img.size
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        cw, ch = round(np.sqrt(target * aspect)), round(np.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return img.resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
+    return resize_center(img, size)
+
+
+@dataclasses.dataclass(frozen=True)
+class ElementTransform:
+    """Record bytes -> (uint8 image, caption). Picklable, for grain worker processes."""
+
+    image_size: int
+    augment: str = "none"  # none | rrc (random resized crop)
+    scale: tuple[float, float] = (0.9, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    caption: str = "random"  # random | first
+    seed: int = 0
+
+    def __call__(self, raw: bytes, index: int) -> tuple[np.ndarray, str]:
+        record = records.decode_record(raw)
+        rng = np.random.default_rng([self.seed, index])
+        img = decode_image(record["image"])
+        if self.augment == "rrc":
+            img = random_resized_crop(img, self.image_size, rng, self.scale, self.ratio)
+        else:
+            img = resize_center(img, self.image_size)
+        captions = record["captions"]
+        text = captions[rng.integers(len(captions))] if self.caption == "random" else captions[0]
+        return np.asarray(img, np.uint8), text
+
+
+class StepBatches(grain.MapDataset):
+    """Host batch `step` of the step-indexed stream (see the module docstring)."""
+
+    def __init__(self, stream: grain.MapDataset, transform: ElementTransform, tokenizer,
+                 global_batch: int, host_index: int, host_count: int, context_length: int):
+        super().__init__([stream])
+        if global_batch % host_count:
+            raise ValueError(f"global batch {global_batch} is not divisible by the {host_count} "
+                             "hosts")
+        self._stream = stream
+        self._transform = transform
+        self._tokenizer = tokenizer
+        self._B = global_batch
+        self._b = global_batch // host_count
+        self._h = host_index
+        self._context_length = context_length
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __str__(self) -> str:
+        return f"StepBatches(B={self._B}, host={self._h}, b={self._b})"
+
+    def __getitem__(self, step):
+        if isinstance(step, slice):
+            return self.slice(step)
+        images, texts, skipped = [], [], 0
+        first = step * self._B + self._h * self._b
+        for j in range(self._b):
+            index = first + j
+            for attempt in range(_MAX_REPLACEMENTS + 1):
+                try:
+                    img, text = self._transform(self._stream[index], index)
+                    break
+                except (records.CorruptRecordError, OSError, ValueError) as e:
+                    skipped += 1
+                    logging.warning("skipping undecodable record at stream index %d: %s",
+                                    index, e)
+                    # Look past this batch for the replacement, so batch order is unaffected.
+                    index += self._B * (attempt + 1) + 1
+            else:
+                raise RuntimeError(f"{_MAX_REPLACEMENTS} consecutive undecodable records near "
+                                   f"stream index {first + j}: is the dataset corrupt?")
+            images.append(img)
+            texts.append(text)
+        tokens = self._tokenizer(texts, context_length=self._context_length)
+        return {"image": np.stack(images), "text": tokens.astype(np.int32),
+                "skipped": np.int32(skipped)}
+
+
+def record_source(directory: str, split: str) -> grain.MapDataset:
+    paths = records.shard_paths(directory, split)
+    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+
+
+def record_stream(sources: Sequence[tuple[str, str, float]], seed: int) -> grain.MapDataset:
+    """An infinite stream of raw records, reshuffled every epoch, mixing datasets by weight."""
+    streams, weights = [], []
+    for k, (directory, split, weight) in enumerate(sources):
+        ds = record_source(directory, split).seed(seed + 7919 * k).shuffle().repeat(None)
+        streams.append(ds)
+        weights.append(weight)
+    if len(streams) == 1:
+        return streams[0]
+    return grain.MapDataset.mix(streams, weights)
+
+
+def _mark_absl_parsed() -> None:
+    # grain's multiprocessing reads absl flags; outside absl.app they are unparsed.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def train_batches(sources: Sequence[tuple[str, str, float]], *, transform: ElementTransform,
+                  tokenizer, context_length: int, global_batch: int, start_step: int,
+                  host_index: int, host_count: int, seed: int, workers: int = 0,
+                  prefetch: int = 2) -> Iterator[dict[str, Any]]:
+    """Host batches for steps start_step, start_step + 1, ... (see the module docstring)."""
+    stream = record_stream(sources, seed)
+    batches = StepBatches(stream, transform, tokenizer, global_batch, host_index, host_count,
+                          context_length)[start_step:]
+    threads = max(1, min(prefetch, 4)) if workers == 0 else 1
+    it_ds = batches.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                      prefetch_buffer_size=max(prefetch, 1)))
+    if workers > 0:
+        _mark_absl_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                               per_worker_buffer_size=prefetch))
+    return iter(it_ds)
+
+
+def normalize_images(images: jnp.ndarray, mean, std) -> jnp.ndarray:
+    """uint8 (B, H, W, 3) -> float32 normalised pixels, on device."""
+    mean = jnp.asarray(mean, jnp.float32) * 255.0
+    std = jnp.asarray(std, jnp.float32) * 255.0
+    return (images.astype(jnp.float32) - mean) / std
+
+
+def dataset_dir(name_or_path: str, cache_dir: str = "") -> str:
+    """A dataset directory: an existing path, or a built-in dataset built into the cache."""
+    if not name_or_path:
+        raise ValueError("config data.train.dataset is empty: set a dataset directory or a "
+                         "built-in name (shapes, fashion_mnist, emoji)")
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from jaxclip.data import builtin
+
+    return builtin.ensure(name_or_path, cache_dir)

@@ -1,0 +1,61 @@
+"""Multi-process start-up: `jax.distributed.initialize` when the launch has several processes.
+
+A plain single-host run never initialises (big_vision's SigLIP trainer crashes there because it
+always does). A multi-process launch is recognised from its environment:
+  explicit   JAXCLIP_COORDINATOR (host:port), JAXCLIP_NUM_PROCESSES, JAXCLIP_PROCESS_ID
+             (what `launch/local.sh` and the tests set; optional JAXCLIP_LOCAL_DEVICE_IDS)
+  SLURM      SLURM_NTASKS > 1 inside a job step: JAX reads the SLURM variables itself
+  TPU pod    TPU_WORKER_HOSTNAMES with more than one host: JAX asks the TPU metadata server
+  JAX's own  JAX_COORDINATOR_ADDRESS (Kubernetes/JobSet launchers set it)
+On CPU, multi-process runs use gloo collectives. This must run before anything touches devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+_initialized = False
+
+
+def launch_kind(env=os.environ) -> str | None:
+    if env.get("JAXCLIP_COORDINATOR"):
+        return "explicit"
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and env.get("SLURM_STEP_ID") is not None:
+        return "slurm"
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    if len(hosts) > 1:
+        return "tpu"
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return "jax_env"
+    return None
+
+
+def maybe_initialize(env=os.environ) -> bool:
+    """Initialises JAX's distributed runtime if the environment says this is one of several
+    processes; returns whether it did."""
+    global _initialized
+    if _initialized:
+        return True
+    kind = launch_kind(env)
+    if kind is None:
+        return False
+    if env.get("JAX_PLATFORMS", "") == "cpu" or env.get("JAXCLIP_CPU_COLLECTIVES"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if kind == "explicit":
+        local = env.get("JAXCLIP_LOCAL_DEVICE_IDS")
+        jax.distributed.initialize(
+            coordinator_address=env["JAXCLIP_COORDINATOR"],
+            num_processes=int(env["JAXCLIP_NUM_PROCESSES"]),
+            process_id=int(env["JAXCLIP_PROCESS_ID"]),
+            local_device_ids=[int(i) for i in local.split(",")] if local else None,
+        )
+    else:
+        jax.distributed.initialize()  # auto-detects SLURM, Cloud TPU, Kubernetes
+    _initialized = True
+    logging.info("distributed (%s): process %d of %d, %d local / %d global devices", kind,
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())
+    return True

@@ -1,0 +1,54 @@
+"""Auxiliary geometry terms (alignment, uniformity, cross-uniformity) added to a main objective.
+
+From "It's Not a Modality Gap" (arXiv 2405.18570; shared/specs/losses.md §8). Use them as
+`loss.aux.align = 1.0`, `loss.aux.uniformity = 1.0`, `loss.aux.cross_uniformity = 1.0`.
+Like every objective they are written in the local view and reduce over the mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxclip.losses.core import gather, mean_over, register, shard_index, sum_over
+
+_T = 2.0  # uniformity temperature t of the paper
+
+
+@register("align", impls=("all_gather", "ring", "dense"))
+def align(enc, cfg, axis):
+    """Mean squared distance between matched image and text embeddings."""
+    d2 = jnp.sum(jnp.square(enc.image_emb - enc.text_emb), axis=-1)
+    return mean_over(d2.mean(), axis), {}
+
+
+def _log_mean_offdiag_kernel(rows: jax.Array, cols_all: jax.Array, axis, exclude_diag: bool):
+    """log mean_{i != j} exp(-t·||r_i - c_j||²) over the global batch."""
+    b = rows.shape[0]
+    B = cols_all.shape[0]
+    d2 = jnp.sum(rows * rows, -1)[:, None] + jnp.sum(cols_all * cols_all, -1)[None, :]
+    d2 = jnp.maximum(d2 - 2 * rows @ cols_all.T, 0.0)
+    logk = -_T * d2
+    if exclude_diag:
+        own = jnp.arange(B)[None, :] == (jnp.arange(b) + b * shard_index(axis))[:, None]
+        logk = jnp.where(own, -jnp.inf, logk)
+    # A global log-sum-exp: subtract the global max so the psum of exponentials cannot underflow.
+    m = jax.lax.stop_gradient(jnp.max(logk))
+    m = m if axis is None else jax.lax.pmax(m, axis)
+    total = sum_over(jnp.sum(jnp.exp(logk - m)), axis)
+    count = B * (B - 1) if exclude_diag else B * B
+    return jnp.log(total / count) + m
+
+
+@register("uniformity", impls=("all_gather", "ring", "dense"))
+def uniformity(enc, cfg, axis):
+    """½·log E exp(-2||x_i - x_j||²) for images plus the same for texts (i != j)."""
+    terms = [_log_mean_offdiag_kernel(e, gather(e, axis), axis, True)
+             for e in (enc.image_emb, enc.text_emb)]
+    return 0.5 * (terms[0] + terms[1]), {}
+
+
+@register("cross_uniformity", impls=("all_gather", "ring", "dense"))
+def cross_uniformity(enc, cfg, axis):
+    """log E exp(-2||x_i - y_j||²) over unmatched image-text pairs."""
+    return _log_mean_offdiag_kernel(enc.image_emb, gather(enc.text_emb, axis), axis, True), {}

@@ -1,0 +1,202 @@
+"""Transformer pieces shared by the image and text towers.
+
+Parameters carry logical axis names in their `axes` metadata ("embed", "mlp", "heads", ...); the
+rules table in `jaxclip.sharding` maps those names onto mesh axes, so the model code never mentions
+a mesh.
+
+The residual blocks of a tower are stored stacked, every parameter with a leading "layers" axis.
+One layout then serves both execution modes: `lax.scan` over the stack (compile time independent of
+depth) and an unrolled Python loop, and a checkpoint converts one-to-one to open_clip/HF, whose
+layers are just the slices of the stack. Attention kernels are kept per head,
+(width, heads, head_dim), which is a plain reshape of PyTorch's (out, in) projections.
+
+Parameters are float32; activations are computed in the tower's compute dtype (bfloat16 on
+accelerators), except layer norms and softmax statistics, which run in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+# How a parameter is initialised, kept in its metadata: ("normal", std), ("zeros",) or ("ones",).
+# Random values are not drawn here: `jaxclip.models.init_params` draws every normal parameter
+# of a model from one random vector, because XLA:CPU takes seconds to compile each separate
+# threefry call, and one call keeps the values independent of sharding.
+Init = tuple
+
+
+def normal(std: float) -> Init:
+    return ("normal", float(std))
+
+
+zeros: Init = ("zeros",)
+ones: Init = ("ones",)
+
+
+def param(init: Init, shape: tuple[int, ...], axes: Axes) -> nnx.Param:
+    assert len(shape) == len(axes), (shape, axes)
+    value = jnp.ones(shape, jnp.float32) if init[0] == "ones" else jnp.zeros(shape, jnp.float32)
+    return nnx.Param(value, axes=axes, init=init)
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name == "gelu":  # exact erf GELU, as torch.nn.GELU (open_clip's default)
+        return functools.partial(jax.nn.gelu, approximate=False)
+    if name == "quick_gelu":  # OpenAI CLIP weights
+        return lambda x: x * jax.nn.sigmoid(1.702 * x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm with float32 statistics whatever the activation dtype."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+    return y.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, width: int, *, eps: float, layers: int | None = None):
+        lead, lead_axes = ((layers,), ("layers",)) if layers else ((), ())
+        self.scale = param(ones, (*lead, width), (*lead_axes, "embed"))
+        self.bias = param(zeros, (*lead, width), (*lead_axes, "embed"))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return layer_norm(x, self.scale[...], self.bias[...], self.eps)
+
+
+class Dense(nnx.Module):
+    """y = x·W (+ b), contracting the trailing len(in_shape) dims of x with W's leading dims."""
+
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        out_shape: tuple[int, ...],
+        axes: Axes,
+        *,
+        std: float,
+        use_bias: bool = True,
+        layers: int | None = None,
+    ):
+        lead, lead_axes = ((layers,), ("layers",)) if layers else ((), ())
+        self.kernel = param(normal(std), (*lead, *in_shape, *out_shape), (*lead_axes, *axes))
+        if use_bias:
+            bias_axes = axes[len(in_shape) :]
+            self.bias = param(zeros, (*lead, *out_shape), (*lead_axes, *bias_axes))
+        else:
+            self.bias = None
+        self.n_in = len(in_shape)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        bias = None if self.bias is None else self.bias[...]
+        return dense({"kernel": self.kernel[...], "bias": bias}, x, self.n_in)
+
+
+def dense(p: dict, x: jax.Array, n_in: int = 1) -> jax.Array:
+    y = jnp.tensordot(x, p["kernel"].astype(x.dtype), axes=n_in)
+    if p.get("bias") is not None:
+        y = y + p["bias"].astype(x.dtype)
+    return y
+
+
+class Attention(nnx.Module):
+    """Multi-head attention projections, per-head kernels (width, heads, head_dim)."""
+
+    def __init__(self, width: int, heads: int, *, std: float, out_std: float,
+                 layers: int | None = None):
+        hd = width // heads
+        qkv = dict(std=std, layers=layers)
+        self.query = Dense((width,), (heads, hd), ("embed", "heads", "kv"), **qkv)
+        self.key = Dense((width,), (heads, hd), ("embed", "heads", "kv"), **qkv)
+        self.value = Dense((width,), (heads, hd), ("embed", "heads", "kv"), **qkv)
+        self.out = Dense((heads, hd), (width,), ("heads", "kv", "embed"), std=out_std,
+                         layers=layers)
+
+
+def attention(
+    p: dict,
+    x_q: jax.Array,
+    x_kv: jax.Array,
+    *,
+    causal: bool = False,
+    kv_lengths: jax.Array | None = None,
+    impl: str = "xla",
+) -> jax.Array:
+    """Attention of x_q over x_kv; `kv_lengths` (B,) masks right-padded keys."""
+    q = dense(p["query"], x_q)
+    k = dense(p["key"], x_kv)
+    v = dense(p["value"], x_kv)
+    o = jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, key_value_seq_lengths=kv_lengths,
+        implementation=None if impl == "auto" else impl,
+    )
+    return dense(p["out"], o, n_in=2)
+
+
+class MLP(nnx.Module):
+    def __init__(self, width: int, hidden: int, *, std: float, out_std: float,
+                 layers: int | None = None):
+        self.fc1 = Dense((width,), (hidden,), ("embed", "mlp"), std=std, layers=layers)
+        self.fc2 = Dense((hidden,), (width,), ("mlp", "embed"), std=out_std, layers=layers)
+
+
+def mlp(p: dict, x: jax.Array, act: Callable) -> jax.Array:
+    return dense(p["fc2"], act(dense(p["fc1"], x)))
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+    """`depth` pre-LN residual blocks, x + attn(ln_1(x)) then x + mlp(ln_2(x)), stacked."""
+
+    def __init__(self, *, width: int, depth: int, heads: int, mlp_ratio: float, act: str,
+                 ln_eps: float):
+        # CLIP's initialisation: residual-branch outputs scaled down by sqrt(2 * depth).
+        attn_std = width**-0.5
+        out_std = width**-0.5 * (2 * depth) ** -0.5
+        fc_std = (2 * width) ** -0.5
+        L = depth
+        self.ln_1 = LayerNorm(width, eps=ln_eps, layers=L)
+        self.attn = Attention(width, heads, std=attn_std, out_std=out_std, layers=L)
+        self.ln_2 = LayerNorm(width, eps=ln_eps, layers=L)
+        self.mlp = MLP(width, int(width * mlp_ratio), std=fc_std, out_std=out_std, layers=L)
+        self.depth = depth
+        self.act = act
+        self.eps = ln_eps
+
+    def __call__(self, x: jax.Array, *, causal: bool = False, kv_lengths: jax.Array | None = None,
+                 scan: bool = True, remat: str = "none", attn_impl: str = "xla") -> jax.Array:
+        params = nnx.to_pure_dict(nnx.state(self))
+        act = activation(self.act)
+        eps = self.eps
+
+        def block(x, p):
+            y = layer_norm(x, p["ln_1"]["scale"], p["ln_1"]["bias"], eps)
+            x = x + attention(p["attn"], y, y, causal=causal, kv_lengths=kv_lengths,
+                              impl=attn_impl)
+            y = layer_norm(x, p["ln_2"]["scale"], p["ln_2"]["bias"], eps)
+            return x + mlp(p["mlp"], y, act), None
+
+        if remat != "none":
+            block = jax.checkpoint(block, policy=_REMAT_POLICIES[remat], prevent_cse=not scan)
+        if scan:
+            x, _ = jax.lax.scan(block, x, params)
+        else:
+            for i in range(self.depth):
+                x, _ = block(x, jax.tree.map(lambda a, i=i: a[i], params))
+        return x

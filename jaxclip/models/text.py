@@ -1,0 +1,83 @@
+"""The text tower: token + position embedding, a pre-LN transformer, final LN, pool, projection.
+
+Pooling and masking follow the tokenizer's conventions (`model.text.pool`):
+  eot    the first end-of-text token (CLIP; open_clip's argmax and HF's first-EOS agree, since EOT
+         49407 is the largest id). Tokens after it are padding.
+  last   the last position (big_vision SigLIP with "sticky" EOS padding; no padding mask).
+  first  the first position (BERT-style [CLS]); tokens equal to pad_id are padding.
+  mean   mean over tokens that are not pad_id.
+Padding is always at the right, so it is masked by per-example key lengths, which is also the form
+the fused cuDNN kernel accepts. With a causal mask and EOT pooling the padding cannot reach the
+pooled token anyway; the key lengths make non-causal towers padding-invariant too.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxclip.models import layers as L
+
+
+def valid_mask(tokens: jax.Array, pool: str, eot_id: int, pad_id: int) -> jax.Array:
+    """(B, T) bool: which positions hold real tokens."""
+    T = tokens.shape[-1]
+    pos = jnp.arange(T)
+    if pool == "eot":
+        is_eot = tokens == eot_id
+        # A sequence without EOT (not produced by our tokenizers) is treated as all valid.
+        eot_pos = jnp.where(is_eot.any(-1), jnp.argmax(is_eot, axis=-1), T - 1)
+        return pos[None, :] <= eot_pos[:, None]
+    if pool == "last":
+        return jnp.ones(tokens.shape, bool)
+    return tokens != pad_id
+
+
+class TextTower(nnx.Module):
+    def __init__(self, cfg, embed_dim: int):
+        w = cfg.width
+        self.token_embed = L.param(L.normal(0.02), (cfg.vocab_size, w), ("vocab", "embed"))
+        self.pos_embed = L.param(L.normal(0.01), (cfg.context_length, w), (None, "embed"))
+        self.blocks = L.Transformer(width=w, depth=cfg.depth, heads=cfg.heads,
+                                    mlp_ratio=cfg.mlp_ratio, act=cfg.act, ln_eps=cfg.ln_eps)
+        self.ln_final = L.LayerNorm(w, eps=cfg.ln_eps)
+        self.proj = L.param(L.normal(w**-0.5), (w, embed_dim), ("embed", "joint"))
+        self.proj_bias = L.param(L.zeros, (embed_dim,), ("joint",)) if cfg.proj_bias else None
+        self.causal = cfg.causal
+        self.pool = cfg.pool
+        self.eot_id = cfg.eot_id
+        self.pad_id = cfg.pad_id
+        self.context_length = cfg.context_length
+
+    def __call__(self, tokens: jax.Array, *, dtype=jnp.float32, scan=True, remat="none",
+                 attn_impl="xla", return_tokens=False):
+        """tokens: (B, T) int32, T <= context_length. Returns (pooled, token features, mask)."""
+        B, T = tokens.shape
+        if self.context_length < T:
+            raise ValueError(f"text of length {T} exceeds the context length "
+                             f"{self.context_length} of the text tower")
+        mask = valid_mask(tokens, self.pool, self.eot_id, self.pad_id)
+        x = jnp.take(self.token_embed[...], tokens, axis=0).astype(dtype)
+        x = x + self.pos_embed[...][:T].astype(dtype)
+        kv_lengths = None if self.pool == "last" else mask.sum(-1).astype(jnp.int32)
+        x = self.blocks(x, causal=self.causal, kv_lengths=kv_lengths, scan=scan, remat=remat,
+                        attn_impl=attn_impl)
+        x = self.ln_final(x)
+        if self.pool == "eot":
+            pooled = x[jnp.arange(B), mask.sum(-1) - 1]
+        elif self.pool == "last":
+            pooled = x[:, -1]
+        elif self.pool == "first":
+            pooled = x[:, 0]
+        else:
+            m = mask[..., None].astype(x.dtype)
+            pooled = (x * m).sum(1) / jnp.maximum(m.sum(1), 1)
+        proj = self.proj[...].astype(dtype)
+
+        def project(h):
+            y = h @ proj
+            return y if self.proj_bias is None else y + self.proj_bias[...].astype(dtype)
+
+        tokens_out = project(x) if return_tokens else None
+        return project(pooled), tokens_out, mask

@@ -1,0 +1,80 @@
+"""The dual encoder: image tower + text tower + a learnable logit scale (and optional bias).
+
+Returns L2-normalised embeddings in float32 together with the loss parameters, as an `Encoded`
+pytree that every registered objective consumes. Token-level features (FILIP-style objectives) are
+only computed when asked for.
+
+`logit_scale` is stored in log space (init ln(1/0.07); SigLIP ln 10) and `logit_bias` exists only
+when `model.logit_bias_init` is set. With `loss.scale_param = "temperature"` (ALIGN) the same
+parameter holds the temperature itself; the loss, not the model, interprets it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxclip.models.image import ImageTower
+from jaxclip.models.text import TextTower
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Encoded:
+    image_emb: jax.Array  # (B, E) L2-normalised, float32
+    text_emb: jax.Array  # (B, E) L2-normalised, float32
+    logit_scale: jax.Array  # () raw parameter (log-scale or temperature)
+    logit_bias: jax.Array | None = None  # ()
+    image_tokens: jax.Array | None = None  # (B, N_patches, E) L2-normalised per token
+    text_tokens: jax.Array | None = None  # (B, T, E) L2-normalised per token
+    text_mask: jax.Array | None = None  # (B, T) bool, real tokens
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps))
+
+
+class TwoTower(nnx.Module):
+    def __init__(self, cfg):
+        """cfg: the `model` section of a jaxclip config. Random parameters are left at zero
+        here and drawn by `jaxclip.models.init_params` (see `build_model`)."""
+        self.image = ImageTower(cfg.image, cfg.embed_dim)
+        self.text = TextTower(cfg.text, cfg.embed_dim)
+        self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32), axes=(),
+                                     init=("value",))
+        self.logit_bias = (nnx.Param(jnp.asarray(cfg.logit_bias_init, jnp.float32), axes=(),
+                                     init=("value",))
+                           if cfg.logit_bias_init is not None else None)
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.run = dict(scan=cfg.scan_layers, remat=cfg.remat, attn_impl=cfg.attn_impl)
+        self.locked = (cfg.image.locked, cfg.text.locked)
+
+    def encode_image(self, images: jax.Array, *, return_tokens: bool = False):
+        emb, tokens = self.image(images, dtype=self.dtype, return_tokens=return_tokens, **self.run)
+        if self.locked[0]:
+            emb, tokens = jax.lax.stop_gradient((emb, tokens))
+        return l2_normalize(emb), None if tokens is None else l2_normalize(tokens)
+
+    def encode_text(self, text: jax.Array, *, return_tokens: bool = False):
+        emb, tokens, mask = self.text(text, dtype=self.dtype, return_tokens=return_tokens,
+                                      **self.run)
+        if self.locked[1]:
+            emb, tokens = jax.lax.stop_gradient((emb, tokens))
+        return l2_normalize(emb), None if tokens is None else l2_normalize(tokens), mask
+
+    def __call__(self, images: jax.Array, text: jax.Array, *, return_tokens: bool = False):
+        img, img_tok = self.encode_image(images, return_tokens=return_tokens)
+        txt, txt_tok, mask = self.encode_text(text, return_tokens=return_tokens)
+        return Encoded(
+            image_emb=img,
+            text_emb=txt,
+            logit_scale=self.logit_scale[...],
+            logit_bias=None if self.logit_bias is None else self.logit_bias[...],
+            image_tokens=img_tok,
+            text_tokens=txt_tok,
+            text_mask=mask if return_tokens else None,
+        )

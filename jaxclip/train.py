@@ -1,0 +1,382 @@
+"""The one trainer. Every objective, tower configuration and evaluator runs through this loop.
+
+Shape of a run:
+  1. mesh from config; the model is built abstractly (`nnx.eval_shape`) to read each parameter's
+     logical axes, then initialised inside `jax.jit` with sharded outputs, so no unsharded copy
+     ever exists; parameters are split into trainable and frozen (locked towers, `optim.frozen`);
+  2. the train step is a pure function of (TrainState, batch): `nnx.merge` the graph definition
+     with the parameters, encode, run the registered objective over the mesh, AdamW update, clamp
+     the logit scale. It is `jax.jit`-ed with explicit shardings and the state donated, and
+     compiled ahead of time, so compile time and compiled memory are logged before step 1;
+  3. the loop feeds step-indexed host batches (`jaxclip.data.pipeline`), assembles them into
+     global arrays, logs window averages (loss, lr, logit scale, samples/s, MFU, data wait),
+     runs evaluators on schedule, and checkpoints (params, optimizer, data position, config).
+Resuming: the newest checkpoint in WORKDIR is restored onto the current mesh and the data stream
+continues at the restored step, so a resumed run sees the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxclip import checkpoint, config, flops, losses, optim, sharding, tree
+from jaxclip.data import pipeline
+from jaxclip.metrics import MetricWriter
+from jaxclip.models import build_model
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: number of updates applied
+    params: dict  # trainable parameters
+    frozen: dict  # parameters that are never updated (locked towers)
+    opt_state: Any
+
+
+@dataclasses.dataclass
+class Model:
+    """What is built once per run: the graph definition, the mesh and all shardings."""
+
+    cfg: Any
+    mesh: jax.sharding.Mesh
+    graphdef: Any
+    axes: dict
+    param_shardings: dict  # full parameter tree
+    tx: optax.GradientTransformation
+    state_shardings: TrainState
+    abstract_state: TrainState
+
+    def full_params(self, state: TrainState) -> dict:
+        return tree.merge(state.params, state.frozen)
+
+
+def _opt_state_shardings(abstract_opt_state, param_shardings: dict, mesh) -> Any:
+    """Each optimizer leaf (Adam's mu and nu) is sharded like the parameter it mirrors."""
+    flat = tree.flatten(param_shardings)
+
+    def pick(path, leaf):
+        keys = [getattr(k, "key", None) for k in path]
+        name = "/".join(str(k) for k in keys if isinstance(k, str))
+        sh = flat.get(name)
+        if sh is not None and len(sh.spec) <= leaf.ndim:
+            return sh
+        return sharding.replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+def build(cfg, mesh=None) -> Model:
+    mesh = mesh or sharding.make_mesh(cfg.mesh)
+    abstract_model = nnx.eval_shape(lambda: build_model(cfg.model, cfg.seed))
+    graphdef, abstract_params = nnx.split(abstract_model)
+    abstract_params = nnx.to_pure_dict(abstract_params)
+    axes = sharding.param_axes(abstract_model)
+    p_shard = sharding.param_shardings(abstract_params, axes, mesh)
+    trainable, frozen = optim.split_trainable(abstract_params, cfg)
+    tx = optim.make_optimizer(cfg.optim, cfg.train.steps, trainable)
+    abstract_opt = jax.eval_shape(tx.init, trainable)
+    t_shard, f_shard = optim.split_trainable(p_shard, cfg)
+    state_shardings = TrainState(
+        step=sharding.replicated(mesh), params=t_shard, frozen=f_shard,
+        opt_state=_opt_state_shardings(abstract_opt, t_shard, mesh))
+    abstract_state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), trainable, frozen,
+                                abstract_opt)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state, state_shardings)
+    sharding.check_sharded(abstract_params, p_shard, mesh)
+    return Model(cfg, mesh, graphdef, axes, p_shard, tx, state_shardings, abstract_state)
+
+
+def init_state(m: Model) -> TrainState:
+    cfg = m.cfg
+
+    def init():
+        params = nnx.to_pure_dict(nnx.state(build_model(cfg.model, cfg.seed)))
+        trainable, frozen = optim.split_trainable(params, cfg)
+        return TrainState(jnp.int32(0), trainable, frozen, m.tx.init(trainable))
+
+    with jax.set_mesh(m.mesh):
+        return jax.jit(init, out_shardings=m.state_shardings)()
+
+
+def _clamp_logit_scale(params: dict, loss_cfg) -> dict:
+    if "logit_scale" not in params or loss_cfg.scale_param != "logit_scale" or \
+            loss_cfg.scale_max is None:
+        return params
+    params = dict(params)
+    params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, loss_cfg.scale_max)
+    return params
+
+
+def make_train_step(m: Model):
+    cfg = m.cfg
+    objective = losses.objective_over_mesh(cfg.loss, m.mesh)
+    tokens = losses.needs_tokens(cfg.loss)
+    lr = optim.learning_rate(cfg.optim, cfg.train.steps)
+
+    def step(state: TrainState, batch: dict):
+        images = pipeline.normalize_images(batch["image"], cfg.data.mean, cfg.data.std)
+
+        def loss_fn(params):
+            model = nnx.merge(m.graphdef, tree.merge(params, state.frozen))
+            enc = model(images, batch["text"], return_tokens=tokens)
+            loss, metrics = objective(enc)
+            return loss, (metrics, enc.logit_scale, enc.logit_bias)
+
+        (loss, (metrics, scale, bias)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        updates, opt_state = m.tx.update(grads, state.opt_state, state.params)
+        params = _clamp_logit_scale(optax.apply_updates(state.params, updates), cfg.loss)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                       lr=lr(state.step), logit_scale=scale)
+        if cfg.loss.scale_param == "logit_scale":
+            metrics["temperature_inv"] = jnp.exp(scale)
+        if bias is not None:
+            metrics["logit_bias"] = bias
+        return TrainState(state.step + 1, params, state.frozen, opt_state), metrics
+
+    batch_sh = sharding.batch_sharding(m.mesh)
+    return jax.jit(step, in_shardings=(m.state_shardings, batch_sh),
+                   out_shardings=(m.state_shardings, sharding.replicated(m.mesh)),
+                   donate_argnums=0)
+
+
+def make_encoders(m: Model):
+    """Jitted (params, uint8 images) -> embeddings and (params, tokens) -> embeddings."""
+    cfg = m.cfg
+    batch_sh = sharding.batch_sharding(m.mesh)
+
+    def encode_image(params, images):
+        model = nnx.merge(m.graphdef, params)
+        pixels = pipeline.normalize_images(images, cfg.data.mean, cfg.data.std)
+        return model.encode_image(pixels)[0]
+
+    def encode_text(params, text):
+        model = nnx.merge(m.graphdef, params)
+        return model.encode_text(text)[0]
+
+    kw = dict(in_shardings=(m.param_shardings, batch_sh), out_shardings=batch_sh)
+    return jax.jit(encode_image, **kw), jax.jit(encode_text, **kw)
+
+
+def _data_sources(cfg) -> list[tuple[str, str, float]]:
+    d = cfg.data
+    entries = list(d.train.mixture) or [dict(dataset=d.train.dataset, split=d.train.split,
+                                             weight=1.0)]
+    out = []
+    for e in entries:
+        unknown = set(e) - {"dataset", "split", "weight"}
+        if unknown:
+            raise config.ConfigError(f"data.train.mixture entry has unknown keys {sorted(unknown)}")
+        out.append((pipeline.dataset_dir(e["dataset"], d.cache_dir), e.get("split", "train"),
+                    float(e.get("weight", 1.0))))
+    return out
+
+
+def make_data(cfg, start_step: int, tokenizer):
+    img = cfg.data.image_size if cfg.data.image_size > 0 else cfg.model.image.image_size
+    aug = cfg.data.augment
+    transform = pipeline.ElementTransform(
+        image_size=img, augment=aug.kind, scale=tuple(aug.scale), ratio=tuple(aug.ratio),
+        caption=cfg.data.caption, seed=data_seed(cfg))
+    return pipeline.train_batches(
+        _data_sources(cfg), transform=transform, tokenizer=tokenizer,
+        context_length=cfg.model.text.context_length, global_batch=cfg.train.batch_size,
+        start_step=start_step, host_index=jax.process_index(), host_count=jax.process_count(),
+        seed=data_seed(cfg), workers=cfg.data.workers, prefetch=cfg.data.prefetch)
+
+
+def batch_specs(cfg, mesh) -> dict:
+    """Shapes, dtypes and shardings of a global training batch."""
+    B, size = cfg.train.batch_size, cfg.model.image.image_size
+    sh = sharding.batch_sharding(mesh)
+    return {"image": jax.ShapeDtypeStruct((B, size, size, 3), jnp.uint8, sharding=sh),
+            "text": jax.ShapeDtypeStruct((B, cfg.model.text.context_length), jnp.int32,
+                                         sharding=sh)}
+
+
+def data_seed(cfg) -> int:
+    return cfg.seed if cfg.data.shuffle_seed < 0 else cfg.data.shuffle_seed
+
+
+def data_state(cfg, next_step: int) -> dict:
+    """What the input stream needs to resume exactly: its position and its invariants."""
+    return {"next_step": int(next_step), "global_batch": int(cfg.train.batch_size),
+            "seed": data_seed(cfg),
+            "sources": [list(s) for s in _data_sources(cfg)]}
+
+
+def check_data_state(cfg, saved: dict) -> None:
+    now = data_state(cfg, saved["next_step"])
+    for key in ("global_batch", "seed", "sources"):
+        if now[key] != saved.get(key):
+            raise ValueError(
+                f"cannot resume the data stream exactly: {key} was {saved.get(key)!r} when the "
+                f"checkpoint was written and is {now[key]!r} now. Restore the original value, or "
+                "start a new workdir (initialising from this checkpoint).")
+
+
+class _Window:
+    """Steps since the last log line: their device metrics (fetched lazily) and their wall time."""
+
+    def __init__(self):
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float):
+        self.pending: list[tuple[int, dict]] = []  # still on device
+        self.done: list[tuple[int, dict]] = []  # fetched and checked
+        self.start = now
+        self.steps = 0
+        self.data_wait = 0.0
+        self.skipped = 0
+
+    def sync(self) -> list[tuple[int, dict]]:
+        """Fetches pending metrics (blocking on their steps) and stops on a non-finite loss."""
+        fetched = [(s, jax.device_get(mets)) for s, mets in self.pending]
+        self.pending = []
+        for step, mets in fetched:
+            loss = float(mets["loss"])
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss} at step {step}; stopping. Checkpoints written before this "
+                    "step are intact (lower optim.lr, raise optim.warmup_steps, or check the "
+                    "data).")
+        self.done += fetched
+        return self.done
+
+
+def _log_window(window: _Window, step: int, writer, progress, cfg, n_dev: int,
+                flops_per_sample: float, peak: float | None) -> dict:
+    fetched = window.sync()
+    now = time.perf_counter()
+    elapsed = max(now - window.start, 1e-9)
+    row = {k: float(np.mean([f[k] for _, f in fetched])) for k in fetched[-1][1]}
+    sps = window.steps * cfg.train.batch_size / elapsed
+    row.update(samples_per_sec=sps, samples_per_sec_per_device=sps / n_dev,
+               step_time_s=elapsed / window.steps, data_wait_frac=window.data_wait / elapsed,
+               skipped_records=window.skipped,
+               tflops_per_device=sps * flops_per_sample / n_dev / 1e12)
+    if peak:
+        row["mfu"] = sps * flops_per_sample / (n_dev * peak)
+    writer.write(step, row)
+    if progress is not None:
+        progress.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{sps:.0f}")
+    window.reset(now)
+    return row
+
+
+def train(cfg, workdir: str) -> dict:
+    """Trains `cfg` in `workdir` (resuming if it holds a checkpoint); returns the last metrics."""
+    from jaxclip.evals import Evaluators
+    from jaxclip.tokenizer import build_tokenizer
+
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(cfg))
+    m = build(cfg)
+    n_dev = m.mesh.size
+    divisor = sharding.batch_divisor(m.mesh)
+    if cfg.train.batch_size % divisor:
+        raise config.ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is not divisible by the {divisor} devices "
+            "of the mesh's batch axes (data x fsdp)")
+    ckpt = checkpoint.Checkpointer(workdir, every=cfg.train.ckpt_every, keep=cfg.train.keep_ckpts,
+                                   keep_every=cfg.train.keep_every)
+    writer = MetricWriter(workdir)
+    tokenizer = build_tokenizer(dict(cfg.data.tokenizer))
+    evaluators = Evaluators(cfg, m, tokenizer)
+
+    t0 = time.perf_counter()
+    start = ckpt.latest_step()
+    if start is not None:
+        state, saved_data, _ = ckpt.restore(start, m.abstract_state)
+        check_data_state(cfg, saved_data)
+        logging.info("resumed from step %d in %s", start, workdir)
+    else:
+        start = 0
+        state = init_state(m)
+    restore_time = time.perf_counter() - t0
+
+    step_fn = make_train_step(m)
+    batch_spec = batch_specs(cfg, m.mesh)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(m.abstract_state, batch_spec).compile()
+    compile_time = time.perf_counter() - t0
+    static = {"compile_s": compile_time, "restore_s": restore_time, "devices": n_dev,
+              "hosts": jax.process_count()}
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        static["step_temp_mb"] = mem.temp_size_in_bytes / 2**20
+        static["step_args_mb"] = mem.argument_size_in_bytes / 2**20
+    flops_per_sample = flops.train_flops_per_sample(cfg, cfg.train.batch_size)
+    peak, peak_source = flops.device_peak(cfg.model.dtype, cfg.train.peak_tflops)
+    static.update(flops_per_sample=flops_per_sample, peak_flops_per_device=peak or 0.0)
+    logging.info("compiled the train step in %.1fs; MFU peak: %s", compile_time, peak_source)
+    if jax.process_index() == 0:
+        writer.write(start, {f"setup/{k}": v for k, v in static.items()})
+
+    data = make_data(cfg, start, tokenizer)
+    steps = cfg.train.steps
+    if start == 0:
+        writer.write(0, evaluators.run(state, 0, at_start=True))
+
+    progress = None
+    if cfg.train.progress and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    window = _Window()
+    last_logged: dict = {}
+    step = start
+    try:
+        while step < steps:
+            t_wait = time.perf_counter()
+            host_batch = next(data)
+            window.data_wait += time.perf_counter() - t_wait
+            window.skipped += int(host_batch.pop("skipped"))
+            batch = sharding.global_batch(host_batch, m.mesh)
+            state, mets = compiled(state, batch)
+            step += 1
+            window.steps += 1
+            window.pending.append((step, mets))
+            if progress is not None:
+                progress.update(1)
+
+            save_now = ckpt.should_save(step) or step == steps
+            if save_now:
+                window.sync()  # never checkpoint past a non-finite loss
+                ckpt.save(step, state, data_state(cfg, step), cfg.to_dict(), force=step == steps)
+            if step % cfg.train.log_every == 0 or step == steps:
+                last_logged = _log_window(window, step, writer, progress, cfg, n_dev,
+                                          flops_per_sample, peak)
+            t_eval = time.perf_counter()
+            eval_metrics = evaluators.run(state, step, final=step == steps)
+            if eval_metrics:
+                writer.write(step, eval_metrics)
+                last_logged.update(eval_metrics)
+                window.start += time.perf_counter() - t_eval  # not training throughput
+    finally:
+        if progress is not None:
+            progress.close()
+        ckpt.close()
+        writer.close()
+    return last_logged

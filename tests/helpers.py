@@ -1,0 +1,50 @@
+"""Small configs and inputs shared by the tests."""
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxclip import config
+
+
+def tiny_config(**overrides):
+    """A two-tower model small enough to compile and run in well under a second."""
+    cfg = config.defaults()
+    cfg.model.embed_dim = 32
+    cfg.model.image.update(image_size=16, patch_size=4, width=32, depth=2, heads=4)
+    cfg.model.text.update(vocab_size=100, context_length=12, width=32, depth=2, heads=4,
+                          eot_id=99, pad_id=0)
+    cfg.train.update(batch_size=16, steps=10, log_every=5, progress=False)
+    for key, value in overrides.items():
+        config.apply_override(cfg, f"{key}={value}")
+    return cfg
+
+
+def random_tokens(rng, batch, length, eot=99, vocab=100):
+    """Token rows SOT-like first token, random body, EOT, then zero padding."""
+    toks = np.zeros((batch, length), np.int32)
+    for i in range(batch):
+        n = rng.integers(2, length)
+        toks[i, :n - 1] = rng.integers(1, vocab - 1, n - 1)
+        toks[i, n - 1] = eot
+    return toks
+
+
+def random_batch(rng, cfg, batch=None):
+    b = batch or cfg.train.batch_size
+    s = cfg.model.image.image_size
+    return {"image": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
+            "text": random_tokens(rng, b, cfg.model.text.context_length,
+                                  cfg.model.text.eot_id, cfg.model.text.vocab_size)}
+
+
+def jitted(model, method="__call__", **kwargs):
+    """model.method(*args, **kwargs) as one compiled function (eager NNX calls compile every
+    primitive separately, which is slow on CPU)."""
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def run(params, *args):
+        return getattr(nnx.merge(graphdef, params), method)(*args, **kwargs)
+
+    return lambda *args: run(params, *args)
