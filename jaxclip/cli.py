@@ -46,7 +46,7 @@ def cmd_train(args, extra) -> int:
     from jaxclip import distributed, train
 
     distributed.maybe_initialize()
-    metrics = train.train(cfg, args.workdir)
+    metrics = train.train(cfg, args.workdir, stop_at=args.stop_at)
     evals = {k: v for k, v in metrics.items() if k.startswith("eval/") and
              not k.endswith("/seconds")}
     if evals:
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or resume) an experiment in a workdir")
     p.add_argument("--config", required=True, help="config file, optionally path.py:arg")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics and config go here")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="checkpoint and exit at this step (the schedule still spans "
+                        "train.steps; run again to continue)")
     p.set_defaults(fn=cmd_train)
     return parser
 

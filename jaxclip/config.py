@@ -296,6 +296,10 @@ def apply_override(cfg: ConfigDict, item: str) -> None:
         raise _unknown_key(key, defaults())
     current = node[last]
     if isinstance(current, ConfigDict):
+        value = _parse_value(text, None)
+        if _is_open(key) and isinstance(value, dict):  # e.g. optim.lr_mults="{'^text/': 0.1}"
+            node[last] = ConfigDict(value)
+            return
         raise ConfigError(f"config key {key!r} is a section; set one of its keys instead")
     value = _check_type(key, current, _parse_value(text, current))
     with node.ignore_type():

@@ -144,7 +144,7 @@ def make_train_step(m: Model):
             state.params)
         updates, opt_state = m.tx.update(grads, state.opt_state, state.params)
         params = _clamp_logit_scale(optax.apply_updates(state.params, updates), cfg.loss)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                        lr=lr(state.step), logit_scale=scale)
         if cfg.loss.scale_param == "logit_scale":
             metrics["temperature_inv"] = jnp.exp(scale)
@@ -282,8 +282,12 @@ def _log_window(window: _Window, step: int, writer, progress, cfg, n_dev: int,
     return row
 
 
-def train(cfg, workdir: str) -> dict:
-    """Trains `cfg` in `workdir` (resuming if it holds a checkpoint); returns the last metrics."""
+def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
+    """Trains `cfg` in `workdir` (resuming if it holds a checkpoint); returns the last metrics.
+
+    `stop_at` ends this invocation early at that step with a checkpoint (for time-limited jobs);
+    the schedule still spans `train.steps`, and a later invocation continues from there.
+    """
     from jaxclip.evals import Evaluators
     from jaxclip.tokenizer import build_tokenizer
 
@@ -335,6 +339,7 @@ def train(cfg, workdir: str) -> dict:
 
     data = make_data(cfg, start, tokenizer)
     steps = cfg.train.steps
+    end = steps if stop_at is None else min(stop_at, steps)
     if start == 0:
         writer.write(0, evaluators.run(state, 0, at_start=True))
 
@@ -348,7 +353,7 @@ def train(cfg, workdir: str) -> dict:
     last_logged: dict = {}
     step = start
     try:
-        while step < steps:
+        while step < end:
             t_wait = time.perf_counter()
             host_batch = next(data)
             window.data_wait += time.perf_counter() - t_wait
@@ -361,11 +366,11 @@ def train(cfg, workdir: str) -> dict:
             if progress is not None:
                 progress.update(1)
 
-            save_now = ckpt.should_save(step) or step == steps
+            save_now = ckpt.should_save(step) or step == end
             if save_now:
                 window.sync()  # never checkpoint past a non-finite loss
-                ckpt.save(step, state, data_state(cfg, step), cfg.to_dict(), force=step == steps)
-            if step % cfg.train.log_every == 0 or step == steps:
+                ckpt.save(step, state, data_state(cfg, step), cfg.to_dict(), force=step == end)
+            if step % cfg.train.log_every == 0 or step == end:
                 last_logged = _log_window(window, step, writer, progress, cfg, n_dev,
                                           flops_per_sample, peak)
             t_eval = time.perf_counter()

@@ -1,0 +1,137 @@
+"""The step-indexed input pipeline: determinism, host-count independence, resume, bad records."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxclip.data import pipeline, records, shapes
+
+
+class WordTokenizer:
+    """A deterministic stand-in tokenizer for pipeline tests: word lengths as token ids."""
+
+    def __call__(self, texts, context_length=8):
+        out = np.zeros((len(texts), context_length), np.int32)
+        for i, t in enumerate(texts):
+            ids = [len(w) for w in t.split()][:context_length]
+            out[i, :len(ids)] = ids
+        return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return shapes.build(str(tmp_path_factory.mktemp("shapes")), train=96, val=8, novel=8,
+                        shard_size=40)
+
+
+def _batches(dataset, *, start=0, host_index=0, host_count=1, n=3, batch=16, workers=0,
+             augment="none"):
+    transform = pipeline.ElementTransform(image_size=32, augment=augment, seed=3)
+    it = pipeline.train_batches([(dataset, "train", 1.0)], transform=transform,
+                                tokenizer=WordTokenizer(), context_length=8, global_batch=batch,
+                                start_step=start, host_index=host_index, host_count=host_count,
+                                seed=3, workers=workers)
+    return [next(it) for _ in range(n)]
+
+
+def test_batches_are_deterministic_and_shaped(dataset):
+    a, b = _batches(dataset), _batches(dataset)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["text"], y["text"])
+    assert a[0]["image"].shape == (16, 32, 32, 3) and a[0]["image"].dtype == np.uint8
+    assert a[0]["text"].shape == (16, 8) and a[0]["text"].dtype == np.int32
+    assert not np.array_equal(a[0]["image"], a[1]["image"])
+
+
+def test_two_hosts_see_disjoint_halves_of_the_same_global_batch(dataset):
+    whole = _batches(dataset, augment="rrc")
+    halves = [_batches(dataset, host_index=h, host_count=2, augment="rrc") for h in (0, 1)]
+    for s in range(3):
+        joined = np.concatenate([halves[0][s]["image"], halves[1][s]["image"]])
+        np.testing.assert_array_equal(joined, whole[s]["image"])
+
+
+def test_resuming_at_a_step_continues_the_same_stream(dataset):
+    full = _batches(dataset, n=8)  # 8 x 16 = 128 > 96 records: crosses an epoch boundary
+    resumed = _batches(dataset, start=5, n=3)
+    for x, y in zip(full[5:], resumed):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["text"], y["text"])
+
+
+def test_epochs_are_reshuffled_and_cover_every_record(dataset):
+    # 96 records, batch 16: steps 0-5 are epoch 0, steps 6-11 epoch 1.
+    batches = _batches(dataset, n=12, batch=16)
+    def ids(bs):
+        return [tuple(img.reshape(-1)[:64]) for b in bs for img in b["image"]]
+    e0, e1 = ids(batches[:6]), ids(batches[6:])
+    assert len(set(e0)) == 96 and set(e0) == set(e1) and e0 != e1
+
+
+def test_worker_processes_give_the_same_batches(dataset):
+    inproc = _batches(dataset, n=4)
+    workers = _batches(dataset, n=4, workers=2)
+    for x, y in zip(inproc, workers):
+        np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def _png(color):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_an_undecodable_record_is_replaced_from_later_in_the_stream_and_counted():
+    import grain
+
+    raw = [records.encode_record({"image": _png((i, 0, 0)), "captions": ["x"], "id": str(i)})
+           for i in range(12)]
+    raw[2] = records.encode_record({"image": b"\x89PNG broken", "captions": ["x"], "id": "2"})
+    raw[5] = b"\xc1 not msgpack"
+    stream = grain.MapDataset.source(raw)  # unshuffled: stream index = record index
+    batches = pipeline.StepBatches(stream, pipeline.ElementTransform(image_size=8),
+                                   WordTokenizer(), global_batch=4, host_index=0, host_count=1,
+                                   context_length=4)
+    b0, b1 = batches[0], batches[1]
+    # Slot 2's replacement is index 2 + B + 1 = 7; slot 5 (batch 1, slot 1) takes 5 + 4 + 1 = 10.
+    assert [int(x[0, 0, 0]) for x in b0["image"]] == [0, 1, 7, 3]
+    assert [int(x[0, 0, 0]) for x in b1["image"]] == [4, 10, 6, 7]
+    assert int(b0["skipped"]) == 1 and int(b1["skipped"]) == 1
+
+
+def test_corrupt_records_in_a_dataset_never_reach_a_batch(tmp_path):
+    recs = [{"image": _png((200, 10, 10)), "captions": [f"red {i}"], "id": str(i)}
+            for i in range(8)]
+    recs[3]["image"] = b"\x89PNG this is not an image"
+    name = records.shard_name("train", 0, 1)
+    records.write_shard(os.path.join(tmp_path, name), recs)
+    records.write_manifest(str(tmp_path), records.Manifest(splits={
+        "train": {"num_records": 8, "shards": [{"file": name, "count": 8}]}}))
+    transform = pipeline.ElementTransform(image_size=8, seed=0)
+    it = pipeline.train_batches([(str(tmp_path), "train", 1.0)], transform=transform,
+                                tokenizer=WordTokenizer(), context_length=4, global_batch=4,
+                                start_step=0, host_index=0, host_count=1, seed=0)
+    batches = [next(it) for _ in range(6)]  # three epochs
+    assert sum(int(b["skipped"]) for b in batches) >= 3  # met at least once per epoch
+    for b in batches:
+        assert b["image"].shape == (4, 8, 8, 3)
+        np.testing.assert_array_equal(b["image"][..., 0], 200)
+
+
+def test_missing_dataset_pieces_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
+        pipeline.record_source(str(tmp_path), "train")
+    with pytest.raises(ValueError, match="neither a dataset directory nor a built-in"):
+        pipeline.dataset_dir("no_such_dataset", str(tmp_path))
+
+
+def test_random_resized_crop_and_center_resize():
+    img = Image.fromarray(np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3))
+    out = pipeline.random_resized_crop(img, 16, np.random.default_rng(0), scale=(0.3, 1.0))
+    assert out.size == (16, 16)
+    centre = np.asarray(pipeline.resize_center(img, 20))
+    assert centre.shape == (20, 20, 3)
