@@ -132,6 +132,17 @@ def _as_text_list(texts: Any) -> list[str]:
     return out
 
 
+def _unencodable_text_error(texts: Sequence[str], error: Exception) -> Exception:
+    """Name the text behind the opaque TypeError that tokenizers/sentencepiece raise for
+    strings that are not valid Unicode (lone surrogates, e.g. from ``surrogateescape``)."""
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return ValueError(f"texts[{i}] is not valid Unicode and cannot be tokenized: {e}")
+    return error
+
+
 def _pack(
     rows: Sequence[Sequence[int]],
     length: int,
@@ -292,7 +303,10 @@ class ClipTokenizer(_Tokenizer):
 
     def _encode(self, texts: list[str], length: int) -> np.ndarray:
         cleaned = [self.clean(t) for t in texts]
-        encodings = self._bpe.encode_batch_fast(cleaned, add_special_tokens=False)
+        try:
+            encodings = self._bpe.encode_batch_fast(cleaned, add_special_tokens=False)
+        except TypeError as e:
+            raise _unencodable_text_error(cleaned, e) from e
         rows = [e.ids for e in encodings]
         for i in [i for i, t in enumerate(cleaned) if _CLIP_SPECIAL_MARK in t]:
             rows[i] = self._encode_with_literal_specials(cleaned[i])
@@ -398,7 +412,10 @@ class SentencePieceTokenizer(_Tokenizer):
     def _encode(self, texts: list[str], length: int) -> np.ndarray:
         if self.lowercase:
             texts = [t.lower() for t in texts]
-        rows = self._sp.encode(texts, out_type=int) if texts else []
+        try:
+            rows = self._sp.encode(texts, out_type=int) if texts else []
+        except TypeError as e:
+            raise _unencodable_text_error(texts, e) from e
         return _pack(rows, length, self.pad_id, end_id=self.eos_id)
 
 
@@ -487,7 +504,10 @@ class HFTokenizer(_Tokenizer):
     def _encode(self, texts: list[str], length: int) -> np.ndarray:
         if not texts:
             return np.zeros((0, length), dtype=np.int32)
-        encodings = self._configured(length).encode_batch_fast(texts)
+        try:
+            encodings = self._configured(length).encode_batch_fast(texts)
+        except TypeError as e:
+            raise _unencodable_text_error(texts, e) from e
         return np.array([e.ids for e in encodings], dtype=np.int32)
 
 

@@ -215,6 +215,19 @@ def test_bad_texts(clip, texts, message):
         clip(texts)
 
 
+def test_invalid_unicode_is_named(clip, spm_model, wordpiece):
+    # ftfy repairs surrogates (as in open_clip); without it the text cannot be encoded.
+    assert clip_ids("a\ud83d\ude00b") == clip_ids("a😀b")
+    tokenizers = [
+        T.ClipTokenizer(fix_text=False),
+        T.SentencePieceTokenizer(spm_model),
+        T.HFTokenizer(wordpiece, context_length=8),
+    ]
+    for tok in tokenizers:
+        with pytest.raises(ValueError, match=r"texts\[1\] is not valid Unicode"):
+            tok(["fine", "a\ud800b"])
+
+
 @pytest.mark.parametrize("length", [1, 0, -5])
 def test_clip_context_length_too_small(clip, length):
     with pytest.raises(ValueError, match=f"context_length {length} is too small"):
