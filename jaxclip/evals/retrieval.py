@@ -274,7 +274,7 @@ def _rank_body(carry, q, qcols, g, gcols, *, axes, betas):
     return carry, jnp.where(pidx == _NONE, -1, count)
 
 
-def _norm_columns(score_norm: ScoreNorm | None):
+def score_norm_columns(score_norm: ScoreNorm | None):
     """ScoreNorm arrays as gallery columns (gallery on axis 0) plus the static betas."""
     if score_norm is None:
         return (), ()
@@ -304,7 +304,7 @@ def retrieval_ranks(
     glab = jnp.asarray(gallery_labels, jnp.int32)
     if qlab.shape != (np.shape(query_emb)[0],) or glab.shape != (np.shape(gallery_emb)[0],):
         raise ValueError("need one label per query and per gallery item")
-    norm_cols, betas = _norm_columns(score_norm)
+    norm_cols, betas = score_norm_columns(score_norm)
     _, rank0 = run_chunked(
         _rank_body,
         {"betas": betas},
@@ -318,7 +318,8 @@ def retrieval_ranks(
     return np.asarray(rank0).astype(np.int64) + 1
 
 
-def _prepare(postproc, gallery_emb, mesh, query_chunk) -> ScoreNorm | None:
+def prepare_postproc(postproc, gallery_emb, mesh, query_chunk) -> ScoreNorm | None:
+    """postproc.prepare(gallery) for a post-processor spec; None stays None."""
     if postproc is None:
         return None
     return postproc.prepare(gallery_emb, mesh=mesh, query_chunk=query_chunk)
@@ -374,11 +375,11 @@ def retrieval_metrics(
     img_ids = np.arange(n_img)
     i2t_ranks = retrieval_ranks(
         image_emb, text_emb, img_ids, t2i, query_chunk=query_chunk, mesh=mesh,
-        score_norm=_prepare(postproc.get("i2t"), text_emb, mesh, query_chunk),
+        score_norm=prepare_postproc(postproc.get("i2t"), text_emb, mesh, query_chunk),
     )  # fmt: skip
     t2i_ranks = retrieval_ranks(
         text_emb, image_emb, t2i, img_ids, query_chunk=query_chunk, mesh=mesh,
-        score_norm=_prepare(postproc.get("t2i"), image_emb, mesh, query_chunk),
+        score_norm=prepare_postproc(postproc.get("t2i"), image_emb, mesh, query_chunk),
     )  # fmt: skip
     out: dict[str, Any] = rank_summary(i2t_ranks, ks, "i2t") | rank_summary(t2i_ranks, ks, "t2i")
     if return_ranks:
