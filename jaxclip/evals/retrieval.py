@@ -101,7 +101,8 @@ def _pad_rows(x, n: int, value) -> jax.Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _scores(q: jax.Array, g: jax.Array) -> jax.Array:
+def similarity(q: jax.Array, g: jax.Array) -> jax.Array:
+    """Cosine scores q @ g.T of (already normalised) embedding blocks, in full float32."""
     # HIGHEST keeps accelerators from computing eval scores in bf16/tf32 passes; on CPU it is f32.
     return jnp.matmul(q, g.T, precision=jax.lax.Precision.HIGHEST)
 
@@ -253,7 +254,7 @@ def apply_score_norm(s, gids, log_norms, active, betas: tuple[float, ...], axes)
 
 def masked_scores(q, g, gvalid, norm_cols, betas, gids, axes):
     """Raw scores with padded gallery entries at -inf, then the optional ScoreNorm transform."""
-    s = jnp.where(gvalid[None, :], _scores(q, g), _NEG_INF)
+    s = jnp.where(gvalid[None, :], similarity(q, g), _NEG_INF)
     if betas:
         log_norms, active = norm_cols
         s = apply_score_norm(s, gids, log_norms, active, betas, axes)
