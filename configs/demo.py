@@ -24,7 +24,7 @@ def get_config(arg=None):
     c.optim = dict(lr=1e-3, wd=0.1, warmup_steps=50)
     c.data = dict(
         train=dict(dataset="shapes", split="train"),
-        tokenizer=dict(kind="clip", context_length=32),
+        tokenizer=dict(kind="clip"),
     )
     c.evals = dict(
         val=dict(type="retrieval", dataset="shapes", split="val", every_steps=300),

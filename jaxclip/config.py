@@ -7,8 +7,8 @@ and every key the experiment sets is checked: a key that is not in the schema is
 (with the closest valid key), as is a value of the wrong type. Command-line overrides
 (`--config.train.steps=200`) go through the same checks.
 
-Open sections (`evals`, `loss.aux`, `data.train.mixture`) hold user-named entries and are validated
-by their owners (the evaluator and loss registries, the data pipeline).
+Open sections (`evals`, `loss.aux`, `optim.lr_mults`, `data.tokenizer`) hold user-chosen keys and
+are validated by their owners (the evaluator, loss and tokenizer registries, the optimizer).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import ml_collections
 ConfigDict = ml_collections.ConfigDict
 
 # Sections whose keys are chosen by the user, validated elsewhere.
-OPEN_SECTIONS = ("evals", "loss.aux", "optim.lr_mults")
+OPEN_SECTIONS = ("evals", "loss.aux", "optim.lr_mults", "data.tokenizer")
 
 
 class ConfigError(ValueError):
@@ -125,7 +125,9 @@ def defaults() -> ConfigDict:
     # generated/converted into `data.cache_dir` on first use ("shapes", "fashion_mnist", "emoji").
     d.train = ConfigDict(dict(dataset="", split="train", mixture=[]))
     d.cache_dir = ""  # "" = $JAXCLIP_CACHE or ~/.cache/jaxclip
-    d.tokenizer = ConfigDict(dict(kind="clip", path="", context_length=77))
+    # Tokenizer kind and its options (jaxclip.tokenizer.build_tokenizer); the context length is
+    # always model.text.context_length.
+    d.tokenizer = ConfigDict(dict(kind="clip"))
     d.image_size = -1  # -1 = model.image.image_size
     d.mean = (0.48145466, 0.4578275, 0.40821073)  # CLIP normalisation
     d.std = (0.26862954, 0.26130258, 0.27577711)
@@ -198,8 +200,10 @@ def _merge(base: ConfigDict, update: ConfigDict | dict, prefix: str = "") -> Non
         if isinstance(current, ConfigDict):
             if not isinstance(value, dict | ConfigDict):
                 raise ConfigError(f"config key {path!r} is a section; got {value!r}")
-            if _is_open(path):
-                base[key] = ConfigDict(dict(value))
+            if _is_open(path):  # user keys are added next to the defaults, unchecked here
+                with current.unlocked():
+                    for k, v in value.items():
+                        current[k] = v
             else:
                 _merge(current, value, path + ".")
         else:

@@ -203,6 +203,17 @@ def make_data(cfg, start_step: int, tokenizer):
         seed=data_seed(cfg), workers=cfg.data.workers, prefetch=cfg.data.prefetch)
 
 
+def make_tokenizer(cfg):
+    from jaxclip.tokenizer import build_tokenizer
+
+    spec = dict(cfg.data.tokenizer)
+    spec["context_length"] = cfg.model.text.context_length
+    try:
+        return build_tokenizer(spec)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise config.ConfigError(f"data.tokenizer: {e}") from e
+
+
 def batch_specs(cfg, mesh) -> dict:
     """Shapes, dtypes and shardings of a global training batch."""
     B, size = cfg.train.batch_size, cfg.model.image.image_size
@@ -289,7 +300,6 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
     the schedule still spans `train.steps`, and a later invocation continues from there.
     """
     from jaxclip.evals import Evaluators
-    from jaxclip.tokenizer import build_tokenizer
 
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
@@ -305,7 +315,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
     ckpt = checkpoint.Checkpointer(workdir, every=cfg.train.ckpt_every, keep=cfg.train.keep_ckpts,
                                    keep_every=cfg.train.keep_every)
     writer = MetricWriter(workdir)
-    tokenizer = build_tokenizer(dict(cfg.data.tokenizer))
+    tokenizer = make_tokenizer(cfg)
     evaluators = Evaluators(cfg, m, tokenizer)
 
     t0 = time.perf_counter()
