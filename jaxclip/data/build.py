@@ -75,6 +75,8 @@ def prepare_image(data: bytes, options: ImageOptions) -> tuple[bytes, str] | Ski
         image.load()
     except Image.DecompressionBombError as e:
         return Skip("image_too_large", str(e))
+    except Image.UnidentifiedImageError:  # its message names a BytesIO object, not the input
+        return Skip("undecodable_image", "not a recognised image format")
     except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
         return Skip("undecodable_image", f"{type(e).__name__}: {e}")
     if not too_big and image_format in _KEPT_FORMATS:
@@ -101,6 +103,8 @@ def finish_record(record: Record, options: ImageOptions, converted: collections.
                   ) -> Record | Skip:
     """Checks a source's record against the record format and verifies/re-encodes its image."""
     where = str(record.get("id", "?"))
+    if isinstance(record.get("meta"), dict) and record["meta"].get("path"):
+        where += f" ({record['meta']['path']})"  # folder sources: name the file, not just a row
     image = record.get("image")
     if not isinstance(image, bytes | bytearray) or not image:
         return Skip("missing_image", where)
@@ -256,11 +260,11 @@ def build_dataset(
     `num_shards` is per split (an int for all, or {split: int}); by default the source picks.
     """
     options = ImageOptions(max_image_size=max_image_size, jpeg_quality=jpeg_quality)
+    shards = plan(source, num_shards)  # reads the inputs' index: bad inputs fail before any write
+    config = build_config(source, shards, options)
     state_dir = os.path.join(out_dir, STATE_DIR)
     os.makedirs(state_dir, exist_ok=True)
     with _locked(os.path.join(state_dir, "lock")):
-        shards = plan(source, num_shards)
-        config = build_config(source, shards, options)
         _claim(state_dir, config)
         if os.path.exists(os.path.join(out_dir, records.MANIFEST)):
             return records.read_manifest(out_dir)  # finished earlier, same configuration
@@ -380,7 +384,9 @@ def _manifest(source: Source, out_dir: str, shards: dict[str, int],
         "config_hash": digest,
     }
     if command is None:
-        command = f"jaxclip.data.build.build_dataset({source!r}, {out_dir!r}, num_shards={shards})"
+        command = (f"jaxclip.data.build.build_dataset(<{type(source).__name__}: "
+                   f"{source.describe()}>, {out_dir!r}, num_shards={shards}, "
+                   f"max_image_size={config['image_options']['max_image_size']})")
     return records.Manifest(splits=splits, source=source.describe(), build_command=command,
                             skipped=dict(skipped), info=info)
 

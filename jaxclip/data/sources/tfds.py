@@ -138,10 +138,13 @@ class TfdsSource:
                 ) from e
             raise
         except Exception as e:  # tfds raises assorted types for "not prepared"
+            # Only the first line: tfds appends the names of every dataset it knows.
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise FileNotFoundError(
                 f"cannot open tfds dataset {self.name!r} split {tfds_split!r} in data_dir "
-                f"{self.data_dir!r}: {type(e).__name__}: {e}. It must be prepared beforehand "
-                "in array_record format (file_format='array_record'); nothing is downloaded here."
+                f"{self.data_dir!r} ({type(e).__name__}: {reason}). It must be prepared "
+                "beforehand in array_record format (file_format='array_record'); nothing is "
+                "downloaded here."
             ) from e
         features = plain.dataset_info.features
         for key in (self.image_key, self.caption_key, *self.label_keys, self.id_key):

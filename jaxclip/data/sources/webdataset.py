@@ -118,7 +118,7 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]] | Skip]:
-    """Groups consecutive members by key; a tar that breaks mid-way yields a `corrupt_tar` Skip."""
+    """Groups consecutive members by key; a tar broken mid-way ends with a `corrupt_tar` Skip."""
     key, sample = None, {}
     try:
         with tarfile.open(path, mode="r|*") as tar:
@@ -133,9 +133,8 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]] | Skip]
                 handle = tar.extractfile(member)
                 sample[ext] = handle.read() if handle is not None else b""
     except (tarfile.TarError, OSError, EOFError) as e:
-        # The samples read so far are good; what follows the damage cannot be trusted or found.
-        if sample:
-            yield key, sample
+        # Samples completed before the damage were yielded; the one being read (possibly missing
+        # members) and whatever followed it are lost, and counted as this one skip.
         yield Skip("corrupt_tar", f"{path}: {type(e).__name__}: {e}")
         return
     if sample:
