@@ -12,6 +12,7 @@ import io
 import os
 import threading
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -66,8 +67,13 @@ class ListSource:
                 yield Skip("missing_caption", f"item {i}")
                 continue
             image = b"garbage" if i % 7 == 3 else encoded(color=(i, 2 * i, 3))
-            yield {"image": image, "captions": [f"{split} item {i}"], "id": f"{split}-{i}",
-                   "labels": {"index": i}, "meta": {}}
+            yield {
+                "image": image,
+                "captions": [f"{split} item {i}"],
+                "id": f"{split}-{i}",
+                "labels": {"index": i},
+                "meta": {},
+            }
 
 
 def read_ids(directory, split):
@@ -83,8 +89,11 @@ def read_log(path):
 
 def shard_state(directory):
     """mtime_ns and inode of every shard, to tell rewritten files from untouched ones."""
-    return {name: (os.stat(directory / name).st_mtime_ns, os.stat(directory / name).st_ino)
-            for name in os.listdir(directory) if name.endswith(records.SHARD_SUFFIX)}
+    return {
+        name: (os.stat(directory / name).st_mtime_ns, os.stat(directory / name).st_ino)
+        for name in os.listdir(directory)
+        if name.endswith(records.SHARD_SUFFIX)
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,11 +107,21 @@ def test_prepare_image_keeps_small_valid_images_untouched():
         assert build.prepare_image(data, options) == (data, "")
 
 
+def noisy_jpeg(size=(64, 64)) -> bytes:
+    """A JPEG whose bulk is entropy-coded scan data, so a cut lands after the header."""
+    pixels = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
 def test_prepare_image_rejects_truncated_and_garbage():
     options = build.ImageOptions()
-    data = encoded(size=(64, 64), fmt="JPEG", color=None)
-    truncated = build.prepare_image(data[: len(data) // 2], options)
-    assert isinstance(truncated, Skip) and truncated.reason == "undecodable_image"
+    data = noisy_jpeg()
+    cut = data[: len(data) * 3 // 4]
+    assert Image.open(io.BytesIO(cut)).size == (64, 64)  # the header alone looks fine
+    truncated = build.prepare_image(cut, options)
+    assert truncated.reason == "undecodable_image" and "truncated" in truncated.detail
     garbage = build.prepare_image(b"\x89PNG\r\n\x1a\n but then nothing", options)
     assert isinstance(garbage, Skip) and garbage.reason == "undecodable_image"
 
@@ -114,8 +133,7 @@ def test_prepare_image_shrinks_oversized_images():
     assert (image.format, image.size, done) == ("JPEG", (100, 67), "resized_jpeg")
     data, done = build.prepare_image(encoded(size=(300, 200), mode="RGBA"), options)
     image = Image.open(io.BytesIO(data))  # transparency survives: PNG, not JPEG
-    assert (image.format, image.mode, image.size, done) == ("PNG", "RGBA", (100, 67),
-                                                            "resized_png")
+    assert (image.format, image.mode, image.size, done) == ("PNG", "RGBA", (100, 67), "resized_png")
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     rotated = encoded(size=(300, 200), fmt="JPEG", exif=exif.tobytes())
@@ -135,12 +153,14 @@ def test_finish_record_checks_fields():
     good = {"image": encoded(), "captions": ["c"], "id": "a", "labels": {"k": 1}, "meta": {}}
     counter = build.collections.Counter()
     assert build.finish_record(good, build.ImageOptions(), counter)["image"] == good["image"]
-    for change, reason in (({"captions": []}, "missing_caption"),
-                           ({"captions": ["ok", ""]}, "missing_caption"),
-                           ({"labels": {"k": "1"}}, "invalid_label"),
-                           ({"labels": {"k": True}}, "invalid_label"),
-                           ({"id": ""}, "missing_id"),
-                           ({"image": b""}, "missing_image")):
+    for change, reason in (
+        ({"captions": []}, "missing_caption"),
+        ({"captions": ["ok", ""]}, "missing_caption"),
+        ({"labels": {"k": "1"}}, "invalid_label"),
+        ({"labels": {"k": True}}, "invalid_label"),
+        ({"id": ""}, "missing_id"),
+        ({"image": b""}, "missing_image"),
+    ):
         result = build.finish_record({**good, **change}, build.ImageOptions(), counter)
         assert isinstance(result, Skip) and result.reason == reason, change
 
@@ -150,8 +170,9 @@ def test_finish_record_checks_fields():
 
 
 def test_sharding_is_contiguous_and_manifest_complete(tmp_path):
-    manifest = build.build_dataset(ListSource(), str(tmp_path), num_shards={"train": 3},
-                                   progress=False, command="my command")
+    manifest = build.build_dataset(
+        ListSource(), str(tmp_path), num_shards={"train": 3}, progress=False, command="my command"
+    )
     shards = manifest.splits["train"]["shards"]
     assert [s["file"] for s in shards] == [records.shard_name("train", k, 3) for k in range(3)]
     # Items 0-5, 6-12, 13-19 (k * 20 // 3); minus undecodable 3, 10, 17 and skipped 5, 16.
@@ -196,10 +217,15 @@ def test_interrupted_build_resumes_where_it_stopped(tmp_path):
     assert not (out / records.MANIFEST).exists()
     assert sorted(shard_state(out)) == [records.shard_name("train", k, 4) for k in range(2)]
     manifest = build.build_dataset(ListSource(log=log), str(out), num_shards=4, progress=False)
-    assert read_log(log) == [("train", "10", "15"), ("train", "15", "20"), ("val", "0", "1"),
-                             ("val", "1", "2"), ("val", "2", "3"), ("val", "3", "5")]
-    fresh = build.build_dataset(ListSource(), str(tmp_path / "fresh"), num_shards=4,
-                                progress=False)
+    assert read_log(log) == [
+        ("train", "10", "15"),
+        ("train", "15", "20"),
+        ("val", "0", "1"),
+        ("val", "1", "2"),
+        ("val", "2", "3"),
+        ("val", "3", "5"),
+    ]
+    fresh = build.build_dataset(ListSource(), str(tmp_path / "fresh"), num_shards=4, progress=False)
     assert manifest.splits == fresh.splits and manifest.skipped == fresh.skipped
 
 
@@ -211,8 +237,9 @@ def test_finished_build_is_reused_and_other_settings_refused(tmp_path):
     with pytest.raises(ValueError, match=r"other settings \(num_shards differ"):
         build.build_dataset(ListSource(), str(tmp_path / "out"), num_shards=3, progress=False)
     with pytest.raises(ValueError, match="image_options"):
-        build.build_dataset(ListSource(), str(tmp_path / "out"), num_shards=2, progress=False,
-                            max_image_size=16)
+        build.build_dataset(
+            ListSource(), str(tmp_path / "out"), num_shards=2, progress=False, max_image_size=16
+        )
 
 
 def test_concurrent_ensure_builds_once(tmp_path):
@@ -220,8 +247,11 @@ def test_concurrent_ensure_builds_once(tmp_path):
     results = []
 
     def ensure():
-        results.append(build.ensure_dataset(ListSource(log=log), str(tmp_path / "cache"), "list",
-                                            progress=False))
+        results.append(
+            build.ensure_dataset(
+                ListSource(log=log), str(tmp_path / "cache"), "list", progress=False
+            )
+        )
 
     threads = [threading.Thread(target=ensure) for _ in range(3)]
     for thread in threads:
@@ -248,12 +278,12 @@ def folder_dataset(tmp_path):
 def test_worker_processes_give_identical_shards(folder_dataset, tmp_path):
     source = FolderSource(str(folder_dataset / "caps.csv"), image_key="name", caption_key="text")
     one = build.build_dataset(source, str(tmp_path / "w1"), num_shards=4, progress=False)
-    two = build.build_dataset(source, str(tmp_path / "w2"), num_shards=4, workers=2,
-                              progress=False)
+    two = build.build_dataset(source, str(tmp_path / "w2"), num_shards=4, workers=2, progress=False)
     assert one.splits == two.splits and one.skipped == two.skipped == {"undecodable_image": 4}
     for shard in one.splits["train"]["shards"]:
         assert (tmp_path / "w1" / shard["file"]).read_bytes() == (
-            tmp_path / "w2" / shard["file"]).read_bytes()
+            tmp_path / "w2" / shard["file"]
+        ).read_bytes()
 
 
 def test_worker_failure_names_the_shard(folder_dataset, tmp_path):
@@ -261,8 +291,7 @@ def test_worker_failure_names_the_shard(folder_dataset, tmp_path):
     source.rows()  # parsed here; the worker processes parse again and find the file gone
     os.remove(folder_dataset / "caps.csv")
     with pytest.raises(RuntimeError, match=r"building shard .*train-0000\d-of-00004.* failed"):
-        build.build_dataset(source, str(tmp_path / "out"), num_shards=4, workers=2,
-                            progress=False)
+        build.build_dataset(source, str(tmp_path / "out"), num_shards=4, workers=2, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,13 +308,35 @@ def data_build_parser() -> argparse.ArgumentParser:
 
 def test_cli_builds_a_tsv_dataset(folder_dataset, tmp_path, capsys):
     (folder_dataset / "caps.tsv").write_text(
-        (folder_dataset / "caps.csv").read_text().replace(",", "\t"))
-    args = data_build_parser().parse_args([
-        "data", "build", "--source", "folder", "--input", str(folder_dataset / "caps.tsv"),
-        "--out", str(tmp_path / "out"), "--csv-img-key", "name", "--csv-caption-key", "text",
-        "--csv-separator", "\\t", "--split", "valid", "--num-shards", "2", "--workers", "1",
-        "--max-image-size", "40", "--no-progress",
-    ])
+        (folder_dataset / "caps.csv").read_text().replace(",", "\t")
+    )
+    args = data_build_parser().parse_args(
+        [
+            "data",
+            "build",
+            "--source",
+            "folder",
+            "--input",
+            str(folder_dataset / "caps.tsv"),
+            "--out",
+            str(tmp_path / "out"),
+            "--csv-img-key",
+            "name",
+            "--csv-caption-key",
+            "text",
+            "--csv-separator",
+            "\\t",
+            "--split",
+            "valid",
+            "--num-shards",
+            "2",
+            "--workers",
+            "1",
+            "--max-image-size",
+            "40",
+            "--no-progress",
+        ]
+    )
     assert build.run(args) == 0
     printed = capsys.readouterr().out
     assert "valid: 36 records in 2 shard(s)" in printed
@@ -293,8 +344,10 @@ def test_cli_builds_a_tsv_dataset(folder_dataset, tmp_path, capsys):
     manifest = records.read_manifest(str(tmp_path / "out"))
     assert manifest.info["converted_images"] == {"resized_jpeg": 7}  # widths 41..47
     assert manifest.build_command
-    sizes = [Image.open(io.BytesIO(r["image"])).size for r in records.iter_records(
-        records.shard_paths(str(tmp_path / "out"), "valid"))]
+    sizes = [
+        Image.open(io.BytesIO(r["image"])).size
+        for r in records.iter_records(records.shard_paths(str(tmp_path / "out"), "valid"))
+    ]
     assert max(max(s) for s in sizes) == 40
 
 
@@ -304,11 +357,13 @@ def test_cli_reports_bad_arguments(folder_dataset, tmp_path, capsys):
     args = parser.parse_args([*common, "--source", "fashion_mnist", "--csv-img-key", "x"])
     assert build.run(args) == 2
     assert "--csv-img-key belong(s) to --source folder" in capsys.readouterr().err
-    args = parser.parse_args([*common, "--source", "folder", "--input",
-                              str(folder_dataset / "caps.csv")])
+    args = parser.parse_args(
+        [*common, "--source", "folder", "--input", str(folder_dataset / "caps.csv")]
+    )
     assert build.run(args) == 1
     assert "no column(s) ['filepath', 'title']" in capsys.readouterr().err
-    args = parser.parse_args([*common, "--source", "webdataset", "--input",
-                              str(tmp_path / "none-{0..3}.tar")])
+    args = parser.parse_args(
+        [*common, "--source", "webdataset", "--input", str(tmp_path / "none-{0..3}.tar")]
+    )
     assert build.run(args) == 1
     assert "4 input file(s) do not exist" in capsys.readouterr().err

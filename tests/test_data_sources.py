@@ -49,8 +49,10 @@ def folder(tmp_path):
     images.mkdir()
     for i in range(3):
         (images / f"{i}.jpg").write_bytes(image_bytes((60 * i, 100, 20)))
-    good = image_bytes((1, 2, 3), size=(64, 64))
-    (images / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="JPEG")
+    (images / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) * 3 // 4])
     absolute = tmp_path / "elsewhere.png"
     absolute.write_bytes(image_bytes((9, 9, 9), fmt="PNG"))
     rows = [
@@ -83,12 +85,14 @@ def test_folder_tsv_reads_rows_and_skips_bad_ones(folder):
 def test_folder_round_trip_counts_skips(folder, tmp_path):
     source = FolderSource(str(folder / "train.tsv"), label_keys=("label",))
     manifest = build_quietly(source, tmp_path / "out", num_shards=2)
-    assert manifest.skipped == {"missing_image_file": 1, "missing_caption": 1,
-                                "undecodable_image": 1}
+    assert manifest.skipped == {
+        "missing_image_file": 1,
+        "missing_caption": 1,
+        "undecodable_image": 1,
+    }
     assert manifest.num_records("train") == 3
     got = read_split(str(tmp_path / "out"), "train")
-    assert [r["captions"][0] for r in got] == ["a red square", "a green square",
-                                               "an absolute path"]
+    assert [r["captions"][0] for r in got] == ["a red square", "a green square", "an absolute path"]
     assert [r["labels"]["label"] for r in got] == [5, 6, 10]
     assert got[0]["image"] == (folder / "images/0.jpg").read_bytes()  # stored untouched
     assert "truncated.jpg" in manifest.info["skip_examples"]["undecodable_image"][0]
@@ -104,8 +108,9 @@ def test_folder_jsonl_multiple_captions_ids_and_bad_lines(tmp_path):
         json.dumps({"image": "a.png", "texts": "no id"}),
     ]
     (tmp_path / "caps.jsonl").write_text("\n".join(lines) + "\n")
-    source = FolderSource(str(tmp_path / "caps.jsonl"), image_key="image", caption_key="texts",
-                          id_key="uid")
+    source = FolderSource(
+        str(tmp_path / "caps.jsonl"), image_key="image", caption_key="texts", id_key="uid"
+    )
     items = list(source.read("train", source.work_units("train")))
     assert items[0]["captions"] == ["one", "two"] and items[0]["id"] == "x1"
     assert items[1].reason == "bad_annotation_row" and "line 2" in items[1].detail
@@ -165,21 +170,34 @@ def write_tar(path, members):
 def tars(tmp_path):
     """Two good-ish shards and one whose tail is cut off mid-member."""
     good = image_bytes()
-    write_tar(tmp_path / "shard-000.tar", [
-        ("000.jpg", good), ("000.txt", b"a red thing"),
-        ("001.png", image_bytes(fmt="PNG")), ("001.json", json.dumps(
-            {"caption": "from json", "url": "http://x/1.png"}).encode()), ("001.cls", b"4"),
-        ("002.jpg", b"\xff\xd8 this is garbage, not a jpeg"), ("002.txt", b"garbage image"),
-        ("003.jpg", good),  # no caption at all
-        ("004.txt", b"a caption without an image"),
-    ])
-    write_tar(tmp_path / "shard-001.tar", [
-        ("100.webp", image_bytes(fmt="WEBP")), ("100.json", b'{"text": ["x", "y"]}'),
-        ("101.jpg", good), ("101.json", b"{broken"),
-    ])
+    write_tar(
+        tmp_path / "shard-000.tar",
+        [
+            ("000.jpg", good),
+            ("000.txt", b"a red thing"),
+            ("001.png", image_bytes(fmt="PNG")),
+            ("001.json", json.dumps({"caption": "from json", "url": "http://x/1.png"}).encode()),
+            ("001.cls", b"4"),
+            ("002.jpg", b"\xff\xd8 this is garbage, not a jpeg"),
+            ("002.txt", b"garbage image"),
+            ("003.jpg", good),  # no caption at all
+            ("004.txt", b"a caption without an image"),
+        ],
+    )
+    write_tar(
+        tmp_path / "shard-001.tar",
+        [
+            ("100.webp", image_bytes(fmt="WEBP")),
+            ("100.json", b'{"text": ["x", "y"]}'),
+            ("101.jpg", good),
+            ("101.json", b"{broken"),
+        ],
+    )
     whole = tmp_path / "whole.tar"
-    write_tar(whole, [("200.jpg", good), ("200.txt", b"kept"),
-                      ("201.jpg", good * 20), ("201.txt", b"lost")])
+    write_tar(
+        whole,
+        [("200.jpg", good), ("200.txt", b"kept"), ("201.jpg", good * 20), ("201.txt", b"lost")],
+    )
     data = whole.read_bytes()
     (tmp_path / "shard-002.tar").write_bytes(data[: 3 * 512 + len(good) + 2000])
     whole.unlink()
@@ -200,19 +218,26 @@ def test_webdataset_reads_samples_and_skips(tars):
 
 
 def test_webdataset_round_trip(tars, tmp_path):
-    source = WebDatasetSource([str(tars / "shard-00{0,1}.tar"), str(tars / "*-002.tar")],
-                              caption_field="text")
+    source = WebDatasetSource(
+        [str(tars / "shard-00{0,1}.tar"), str(tars / "*-002.tar")], caption_field="text"
+    )
     manifest = build_quietly(source, tmp_path / "out")
     assert [s["file"] for s in manifest.splits["train"]["shards"]] == [
-        records.shard_name("train", i, 3) for i in range(3)]  # one output shard per tar
+        records.shard_name("train", i, 3) for i in range(3)
+    ]  # one output shard per tar
     got = read_split(str(tmp_path / "out"), "train")
     assert [(r["id"], r["captions"]) for r in got] == [
         ("shard-000/000", ["a red thing"]),
         ("shard-001/100", ["x", "y"]),
         ("shard-002/200", ["kept"]),
     ]
-    assert manifest.skipped == {"missing_caption": 2, "undecodable_image": 1,
-                                "missing_image": 1, "bad_json": 1, "corrupt_tar": 1}
+    assert manifest.skipped == {
+        "missing_caption": 2,
+        "undecodable_image": 1,
+        "missing_image": 1,
+        "bad_json": 1,
+        "corrupt_tar": 1,
+    }
 
 
 def test_webdataset_input_errors(tmp_path):
@@ -242,13 +267,18 @@ def tfds_dir(tmp_path_factory):
 
         def _info(self):
             features = tfds_lib.features
-            return tfds_lib.core.DatasetInfo(builder=self, features=features.FeaturesDict({
-                "image": features.Image(shape=(None, None, 3)),
-                "pixels": features.Tensor(shape=(4, 5, 3), dtype=np.uint8),
-                "captions": features.Sequence({"text": features.Text()}),
-                "label": features.ClassLabel(names=["a", "b", "c"]),
-                "name": features.Text(),
-            }))
+            return tfds_lib.core.DatasetInfo(
+                builder=self,
+                features=features.FeaturesDict(
+                    {
+                        "image": features.Image(shape=(None, None, 3)),
+                        "pixels": features.Tensor(shape=(4, 5, 3), dtype=np.uint8),
+                        "captions": features.Sequence({"text": features.Text()}),
+                        "label": features.ClassLabel(names=["a", "b", "c"]),
+                        "name": features.Text(),
+                    }
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples(6), "test": self._generate_examples(2)}
@@ -257,19 +287,30 @@ def tfds_dir(tmp_path_factory):
             for i in range(n):
                 image = image_bytes((40 * i, 0, 0), fmt="PNG" if i % 2 else "JPEG")
                 captions = [] if i == 3 else [f"caption {i}", f"other {i}"]
-                yield str(i), {
-                    "image": b"not an image at all" if i == 4 else image,
-                    "pixels": np.full((4, 5, 3), i, np.uint8),
-                    "captions": {"text": captions}, "label": i % 3, "name": f"ex{i}",
-                }
+                yield (
+                    str(i),
+                    {
+                        "image": b"not an image at all" if i == 4 else image,
+                        "pixels": np.full((4, 5, 3), i, np.uint8),
+                        "captions": {"text": captions},
+                        "label": i % 3,
+                        "name": f"ex{i}",
+                    },
+                )
 
     TinyCaptions(data_dir=data_dir, file_format="array_record").download_and_prepare()
     return data_dir
 
 
 def test_tfds_source_reads_bytes_without_tensorflow(tfds_dir):
-    source = tfds.TfdsSource("tiny_captions", ("train", "val=test"), data_dir=tfds_dir,
-                             caption_key="captions/text", label_keys=("label",), id_key="name")
+    source = tfds.TfdsSource(
+        "tiny_captions",
+        ("train", "val=test"),
+        data_dir=tfds_dir,
+        caption_key="captions/text",
+        label_keys=("label",),
+        id_key="name",
+    )
     assert source.splits() == ("train", "val")
     items = list(source.read("train", source.work_units("train")))
     assert len(items) == 6  # tfds stores examples in its own (shuffled) order
@@ -284,8 +325,9 @@ def test_tfds_source_reads_bytes_without_tensorflow(tfds_dir):
 
 
 def test_tfds_array_images_are_encoded(tfds_dir):
-    source = tfds.TfdsSource("tiny_captions", "train", data_dir=tfds_dir, image_key="pixels",
-                             caption_key="name")
+    source = tfds.TfdsSource(
+        "tiny_captions", "train", data_dir=tfds_dir, image_key="pixels", caption_key="name"
+    )
     record = next(iter(source.read("train", range(1))))
     pixels = np.asarray(Image.open(io.BytesIO(record["image"])))
     assert pixels.shape == (4, 5, 3) and record["image"].startswith(b"\x89PNG")
@@ -293,8 +335,9 @@ def test_tfds_array_images_are_encoded(tfds_dir):
 
 
 def test_tfds_round_trip(tfds_dir, tmp_path):
-    source = tfds.TfdsSource("tiny_captions", "train", data_dir=tfds_dir,
-                             caption_key="captions/text", id_key="name")
+    source = tfds.TfdsSource(
+        "tiny_captions", "train", data_dir=tfds_dir, caption_key="captions/text", id_key="name"
+    )
     manifest = build_quietly(source, tmp_path / "out", num_shards=2)
     assert manifest.skipped == {"missing_caption": 1, "undecodable_image": 1}
     got = read_split(str(tmp_path / "out"), "train")
@@ -303,8 +346,7 @@ def test_tfds_round_trip(tfds_dir, tmp_path):
 
 def test_tfds_errors(tfds_dir, monkeypatch):
     with pytest.raises(KeyError, match="no feature 'nope'"):
-        tfds.TfdsSource("tiny_captions", data_dir=tfds_dir, caption_key="nope").work_units(
-            "train")
+        tfds.TfdsSource("tiny_captions", data_dir=tfds_dir, caption_key="nope").work_units("train")
     with pytest.raises(FileNotFoundError, match="cannot open tfds dataset 'absent'"):
         tfds.TfdsSource("absent", data_dir=tfds_dir).work_units("train")
     with pytest.raises(ValueError, match="OUT=SPEC"):
@@ -321,8 +363,10 @@ def test_tfds_errors(tfds_dir, monkeypatch):
 @pytest.fixture(scope="module")
 def fashion_dir():
     if not os.path.isdir(fashion_mnist.DEFAULT_DIR):
-        pytest.skip("needs the Debian package dataset-fashion-mnist "
-                    "(apt-get install -y dataset-fashion-mnist)")
+        pytest.skip(
+            "needs the Debian package dataset-fashion-mnist "
+            "(apt-get install -y dataset-fashion-mnist)"
+        )
     return fashion_mnist.DEFAULT_DIR
 
 
@@ -353,11 +397,12 @@ def test_fashion_mnist_corrupt_files(fashion_dir, tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match="corrupt or truncated gzip"):
         fashion_mnist.read_idx(str(path), 2051, (28, 28))
-    with gzip.open(path, "wb") as f:  # valid gzip, but the IDX body is cut short
-        f.write((2051).to_bytes(4, "big") + b"".join(
-            d.to_bytes(4, "big") for d in (10, 28, 28)) + images[:9].tobytes())
-    with pytest.raises(ValueError, match="header says"):
-        fashion_mnist.read_idx(str(path), 2051, (28, 28))
+    header = (2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (10, 28, 28))
+    for body in (images[:9].tobytes(), images[:10].tobytes() + b"extra"):  # short, then long
+        with gzip.open(path, "wb") as f:  # valid gzip, but the IDX body has the wrong size
+            f.write(header + body)
+        with pytest.raises(ValueError, match="header says"):
+            fashion_mnist.read_idx(str(path), 2051, (28, 28))
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         fashion_mnist.load_split("train", str(tmp_path / "nowhere"))
 
@@ -393,12 +438,19 @@ def test_fashion_mnist_round_trip(fashion_dir, tmp_path):
 
 @pytest.fixture(scope="session")
 def emoji_files():
-    missing = [package for package, path in (("unicode-data", emoji.EMOJI_TEST_FILE),
-                                             ("fonts-noto-color-emoji", emoji.FONT_FILE))
-               if not os.path.isfile(path)]
+    missing = [
+        package
+        for package, path in (
+            ("unicode-data", emoji.EMOJI_TEST_FILE),
+            ("fonts-noto-color-emoji", emoji.FONT_FILE),
+        )
+        if not os.path.isfile(path)
+    ]
     if missing:
-        pytest.skip(f"needs the Debian package(s) {', '.join(missing)} "
-                    f"(apt-get install -y {' '.join(missing)})")
+        pytest.skip(
+            f"needs the Debian package(s) {', '.join(missing)} "
+            f"(apt-get install -y {' '.join(missing)})"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -417,7 +469,7 @@ def emoji_dataset(emoji_files, tmp_path_factory):
 def test_emoji_parse_groups_and_families(emoji_files):
     entries = emoji.parse_emoji_test()
     assert len(entries) == 3655
-    assert entries[0].name == "grinning face" and entries[0].emoji == "\U0001F600"
+    assert entries[0].name == "grinning face" and entries[0].emoji == "\U0001f600"
     groups, subgroups = emoji.label_names(entries)
     assert len(groups) == 9 and len(subgroups) == 99 and "Component" not in groups
     counts = {g: sum(e.group == g for e in entries) for g in groups}
@@ -465,11 +517,17 @@ def test_emoji_unrenderable_is_skipped_and_raqm_required(emoji_files, tmp_path, 
     assert items[0]["labels"] == {"group": 0, "subgroup": 0}
     assert Image.open(io.BytesIO(items[0]["image"])).size == (32, 32)
     assert items[1].reason == "unrenderable_emoji" and "blank" in items[1].detail
+    clear = emoji.EmojiSource(
+        image_size=32, eval_fraction=0.0, background="none", emoji_test_file=str(test_file)
+    )
+    image = Image.open(io.BytesIO(next(iter(clear.read("train", range(1))))["image"]))
+    assert image.mode == "RGBA" and image.getextrema()[3] == (0, 255)  # transparent corners
     from PIL import features
 
     real_check = features.check
-    monkeypatch.setattr(features, "check", lambda name: False if name == "raqm" else
-                        real_check(name))
+    monkeypatch.setattr(
+        features, "check", lambda name: False if name == "raqm" else real_check(name)
+    )
     with pytest.raises(RuntimeError, match="raqm"):
         emoji.load_font()
 

@@ -99,8 +99,9 @@ def prepare_image(data: bytes, options: ImageOptions) -> tuple[bytes, str] | Ski
     return buffer.getvalue(), done
 
 
-def finish_record(record: Record, options: ImageOptions, converted: collections.Counter
-                  ) -> Record | Skip:
+def finish_record(
+    record: Record, options: ImageOptions, converted: collections.Counter
+) -> Record | Skip:
     """Checks a source's record against the record format and verifies/re-encodes its image."""
     where = str(record.get("id", "?"))
     if isinstance(record.get("meta"), dict) and record["meta"].get("path"):
@@ -136,8 +137,12 @@ class ShardTask:
     config_hash: str
 
 
-def build_shard(source: Source, task: ShardTask, options: ImageOptions,
-                progress: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+def build_shard(
+    source: Source,
+    task: ShardTask,
+    options: ImageOptions,
+    progress: Callable[[int], None] = lambda n: None,
+) -> dict[str, Any]:
     """Writes one shard; returns (and saves next to it) its counts."""
     skipped: collections.Counter = collections.Counter()
     examples: dict[str, list[str]] = {}
@@ -164,8 +169,9 @@ def build_shard(source: Source, task: ShardTask, options: ImageOptions,
     stats: dict[str, Any] = {"file": os.path.basename(task.path), "config_hash": task.config_hash}
 
     def save_stats(count: int) -> None:
-        stats.update(count=count, skipped=dict(skipped), skip_examples=examples,
-                     converted=dict(converted))
+        stats.update(
+            count=count, skipped=dict(skipped), skip_examples=examples, converted=dict(converted)
+        )
         _write_json(task.stats_path, stats)
 
     records.write_shard(task.path, items(), before_commit=save_stats)
@@ -205,8 +211,11 @@ def _locked(path: str):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"waiting for another build of {os.path.dirname(os.path.dirname(path))} to "
-                  "finish...", file=sys.stderr)
+            print(
+                f"waiting for another build of {os.path.dirname(os.path.dirname(path))} to "
+                "finish...",
+                file=sys.stderr,
+            )
             fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -275,18 +284,29 @@ def build_dataset(
             for k in range(count):
                 name = records.shard_name(split, k, count)
                 task = ShardTask(
-                    split=split, index=k, num_shards=count,
+                    split=split,
+                    index=k,
+                    num_shards=count,
                     units=units[k * len(units) // count : (k + 1) * len(units) // count],
                     path=os.path.join(out_dir, name),
-                    stats_path=os.path.join(state_dir, name + ".json"), config_hash=digest,
+                    stats_path=os.path.join(state_dir, name + ".json"),
+                    config_hash=digest,
                 )
                 stats = _read_json(task.stats_path)
                 finished = os.path.exists(task.path) and stats and stats["config_hash"] == digest
                 (done if finished else todo).append((task, stats))
         results = {t.path: s for t, s in done}
-        results.update(_run(source, [t for t, _ in todo], options, workers, progress,
-                            initial=sum(s["count"] + sum(s["skipped"].values()) for _, s in done),
-                            total=_total(source, shards)))
+        results.update(
+            _run(
+                source,
+                [t for t, _ in todo],
+                options,
+                workers,
+                progress,
+                initial=sum(s["count"] + sum(s["skipped"].values()) for _, s in done),
+                total=_total(source, shards),
+            )
+        )
         manifest = _manifest(source, out_dir, shards, results, config, digest, command)
         records.write_manifest(out_dir, manifest)
         return manifest
@@ -299,8 +319,9 @@ def _claim(state_dir: str, config: dict[str, Any]) -> None:
     if previous is None:
         _write_json(path, config)
     elif previous != config:
-        changed = sorted(k for k in config.keys() | previous.keys()
-                         if config.get(k) != previous.get(k))
+        changed = sorted(
+            k for k in config.keys() | previous.keys() if config.get(k) != previous.get(k)
+        )
         then = [previous.get(k) for k in changed]
         now = [config.get(k) for k in changed]
         raise ValueError(
@@ -314,15 +335,28 @@ def _total(source: Source, shards: dict[str, int]) -> int | None:
     return None if any(s is None for s in sizes) else sum(sizes)
 
 
-def _run(source: Source, tasks: list[ShardTask], options: ImageOptions, workers: int,
-         progress: bool, initial: int, total: int | None) -> dict[str, dict[str, Any]]:
+def _run(
+    source: Source,
+    tasks: list[ShardTask],
+    options: ImageOptions,
+    workers: int,
+    progress: bool,
+    initial: int,
+    total: int | None,
+) -> dict[str, dict[str, Any]]:
     from tqdm import tqdm
 
     results: dict[str, dict[str, Any]] = {}
     if not tasks:
         return results
-    bar = tqdm(total=total, initial=initial, unit="rec", disable=not progress, dynamic_ncols=True,
-               desc=f"building {len(tasks)} shard(s)")
+    bar = tqdm(
+        total=total,
+        initial=initial,
+        unit="rec",
+        disable=not progress,
+        dynamic_ncols=True,
+        desc=f"building {len(tasks)} shard(s)",
+    )
     with bar:
         if workers <= 1 or len(tasks) == 1:
             for task in tasks:
@@ -330,8 +364,11 @@ def _run(source: Source, tasks: list[ShardTask], options: ImageOptions, workers:
             return results
         context = multiprocessing.get_context("spawn")
         progress_queue = context.Queue()
-        with context.Pool(min(workers, len(tasks)), initializer=_init_worker,
-                          initargs=(source, options, progress_queue)) as pool:
+        with context.Pool(
+            min(workers, len(tasks)),
+            initializer=_init_worker,
+            initargs=(source, options, progress_queue),
+        ) as pool:
             pending = {task.path: pool.apply_async(_run_in_worker, (task,)) for task in tasks}
             while pending:
                 _drain(progress_queue, bar, timeout=0.2)
@@ -355,9 +392,15 @@ def _drain(progress_queue, bar, timeout: float) -> None:
         pass
 
 
-def _manifest(source: Source, out_dir: str, shards: dict[str, int],
-              results: dict[str, dict[str, Any]], config: dict[str, Any], digest: str,
-              command: str | None) -> records.Manifest:
+def _manifest(
+    source: Source,
+    out_dir: str,
+    shards: dict[str, int],
+    results: dict[str, dict[str, Any]],
+    config: dict[str, Any],
+    digest: str,
+    command: str | None,
+) -> records.Manifest:
     splits, skipped_by_split = {}, {}
     skipped: collections.Counter = collections.Counter()
     converted: collections.Counter = collections.Counter()
@@ -384,11 +427,18 @@ def _manifest(source: Source, out_dir: str, shards: dict[str, int],
         "config_hash": digest,
     }
     if command is None:
-        command = (f"jaxclip.data.build.build_dataset(<{type(source).__name__}: "
-                   f"{source.describe()}>, {out_dir!r}, num_shards={shards}, "
-                   f"max_image_size={config['image_options']['max_image_size']})")
-    return records.Manifest(splits=splits, source=source.describe(), build_command=command,
-                            skipped=dict(skipped), info=info)
+        command = (
+            f"jaxclip.data.build.build_dataset(<{type(source).__name__}: "
+            f"{source.describe()}>, {out_dir!r}, num_shards={shards}, "
+            f"max_image_size={config['image_options']['max_image_size']})"
+        )
+    return records.Manifest(
+        splits=splits,
+        source=source.describe(),
+        build_command=command,
+        skipped=dict(skipped),
+        info=info,
+    )
 
 
 def ensure_dataset(source: Source, cache_dir: str, name: str, **kwargs) -> str:
@@ -405,38 +455,58 @@ def ensure_dataset(source: Source, cache_dir: str, name: str, **kwargs) -> str:
     return out_dir
 
 
-def ensure_fashion_mnist(cache_dir: str, *, workers: int = 1, progress: bool = False,
-                         data_dir: str | None = None) -> str:
+def ensure_fashion_mnist(
+    cache_dir: str, *, workers: int = 1, progress: bool = False, data_dir: str | None = None
+) -> str:
     """The Fashion-MNIST dataset directory (train 60k / test 10k), built on first use."""
     source = FashionMnistSource() if data_dir is None else FashionMnistSource(data_dir=data_dir)
     return ensure_dataset(source, cache_dir, "fashion_mnist", workers=workers, progress=progress)
 
 
-def ensure_emoji(cache_dir: str, image_size: int = 64, *, workers: int = 1,
-                 progress: bool = False) -> str:
+def ensure_emoji(
+    cache_dir: str, image_size: int = 64, *, workers: int = 1, progress: bool = False
+) -> str:
     """The emoji dataset directory (train/eval split by base emoji), built on first use."""
     source = EmojiSource(image_size=image_size)
-    return ensure_dataset(source, cache_dir, f"emoji{image_size}", workers=workers,
-                          progress=progress)
+    return ensure_dataset(
+        source, cache_dir, f"emoji{image_size}", workers=workers, progress=progress
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `jaxclip data build`."""
-    parser.add_argument("--source", required=True, choices=sorted(MODULES),
-                        help="input format")
+    parser.add_argument("--source", required=True, choices=sorted(MODULES), help="input format")
     parser.add_argument("--out", required=True, help="output dataset directory")
-    parser.add_argument("--input", nargs="+", action="extend",
-                        help="folder: the CSV/TSV/JSONL file; webdataset: tar paths, "
-                        "{000..999} brace patterns or globs")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        help="folder: the CSV/TSV/JSONL file; webdataset: tar paths, "
+        "{000..999} brace patterns or globs",
+    )
     parser.add_argument("--split", help="output split name for folder/webdataset (default: train)")
-    parser.add_argument("--num-shards", type=int,
-                        help="shards per split (default: ~10k records per shard, or one per tar)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="parallel worker processes (default: all CPUs)")
-    parser.add_argument("--max-image-size", type=int,
-                        help="shrink and re-encode images whose longer side exceeds this")
-    parser.add_argument("--jpeg-quality", type=int, default=90,
-                        help="JPEG quality for re-encoded images (default: 90)")
+    parser.add_argument(
+        "--num-shards",
+        type=int,
+        help="shards per split (default: ~10k records per shard, or one per tar)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="parallel worker processes (default: all CPUs)",
+    )
+    parser.add_argument(
+        "--max-image-size",
+        type=int,
+        help="shrink and re-encode images whose longer side exceeds this",
+    )
+    parser.add_argument(
+        "--jpeg-quality",
+        type=int,
+        default=90,
+        help="JPEG quality for re-encoded images (default: 90)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     for module in MODULES.values():
         module.add_arguments(parser)
@@ -448,15 +518,21 @@ def run(args: argparse.Namespace) -> int:
         given = [d for d in module.ARG_DESTS if getattr(args, d, None) is not None]
         if name != args.source and given:
             flags = ", ".join("--" + d.replace("_", "-") for d in given)
-            print(f"error: {flags} belong(s) to --source {name}, not {args.source}",
-                  file=sys.stderr)
+            print(
+                f"error: {flags} belong(s) to --source {name}, not {args.source}", file=sys.stderr
+            )
             return 2
     try:
         source = MODULES[args.source].from_args(args)
         manifest = build_dataset(
-            source, args.out, num_shards=args.num_shards, workers=args.workers,
-            max_image_size=args.max_image_size, jpeg_quality=args.jpeg_quality,
-            progress=not args.no_progress, command=shlex.join(sys.argv),
+            source,
+            args.out,
+            num_shards=args.num_shards,
+            workers=args.workers,
+            max_image_size=args.max_image_size,
+            jpeg_quality=args.jpeg_quality,
+            progress=not args.no_progress,
+            command=shlex.join(sys.argv),
         )
     except (ValueError, KeyError, FileNotFoundError, ImportError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -471,8 +547,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxclip.data.build", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxclip.data.build",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

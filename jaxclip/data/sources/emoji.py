@@ -146,8 +146,9 @@ def base_groups(entries: Sequence[EmojiEntry]) -> list[int]:
     return [find(i) for i in range(len(entries))]
 
 
-def split_entries(entries: Sequence[EmojiEntry], eval_fraction: float = 0.2,
-                  seed: int = 0) -> dict[str, list[EmojiEntry]]:
+def split_entries(
+    entries: Sequence[EmojiEntry], eval_fraction: float = 0.2, seed: int = 0
+) -> dict[str, list[EmojiEntry]]:
     """{"train": [...], "eval": [...]}, split by base emoji, each in file order."""
     if not 0.0 <= eval_fraction <= 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
@@ -216,8 +217,9 @@ class EmojiSource:
     background: str = "white"  # a Pillow colour name, or "none" for transparent RGBA
     emoji_test_file: str = EMOJI_TEST_FILE
     font_file: str = FONT_FILE
-    _cache: dict[str, Any] = dataclasses.field(default_factory=dict, init=False, repr=False,
-                                               compare=False)
+    _cache: dict[str, Any] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self):
         if not 8 <= self.image_size <= 1024:
@@ -293,10 +295,16 @@ class EmojiSource:
                 "image": buffer.getvalue(),
                 "captions": [entry.name],
                 "id": code,
-                "labels": {"group": group_ids[entry.group],
-                           "subgroup": subgroup_ids[entry.subgroup]},
-                "meta": {"emoji": entry.emoji, "group": entry.group,
-                         "subgroup": entry.subgroup, "version": entry.version},
+                "labels": {
+                    "group": group_ids[entry.group],
+                    "subgroup": subgroup_ids[entry.subgroup],
+                },
+                "meta": {
+                    "emoji": entry.emoji,
+                    "group": entry.group,
+                    "subgroup": entry.subgroup,
+                    "version": entry.version,
+                },
             }
 
 
@@ -305,17 +313,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--source emoji (Debian fonts-noto-color-emoji + unicode-data)"
     )
     group.add_argument("--emoji-image-size", type=int, help="output side in pixels (default: 64)")
-    group.add_argument("--emoji-eval-fraction", type=float,
-                       help="fraction of base emoji in the eval split (default: 0.2)")
+    group.add_argument(
+        "--emoji-eval-fraction",
+        type=float,
+        help="fraction of base emoji in the eval split (default: 0.2)",
+    )
     group.add_argument("--emoji-seed", type=int, help="seed of the train/eval split (default: 0)")
-    group.add_argument("--emoji-background", help="background colour, or 'none' for transparent "
-                       "RGBA (default: white)")
+    group.add_argument(
+        "--emoji-background",
+        help="background colour, or 'none' for transparent RGBA (default: white)",
+    )
     group.add_argument("--emoji-test-file", help=f"emoji-test.txt (default: {EMOJI_TEST_FILE})")
     group.add_argument("--emoji-font", help=f"font file (default: {FONT_FILE})")
 
 
-ARG_DESTS = ("emoji_image_size", "emoji_eval_fraction", "emoji_seed", "emoji_background",
-             "emoji_test_file", "emoji_font")
+ARG_DESTS = (
+    "emoji_image_size",
+    "emoji_eval_fraction",
+    "emoji_seed",
+    "emoji_background",
+    "emoji_test_file",
+    "emoji_font",
+)
 
 
 def from_args(args: argparse.Namespace) -> EmojiSource:

@@ -133,8 +133,11 @@ class FashionMnistSource:
         return shards_for(self.num_records(split))
 
     def info(self) -> dict[str, Any]:
-        return {"class_names": list(CLASS_NAMES), "templates": list(TEMPLATES),
-                "image_size": [28, 28]}
+        return {
+            "class_names": list(CLASS_NAMES),
+            "templates": list(TEMPLATES),
+            "image_size": [28, 28],
+        }
 
     def read(self, split: str, units: Sequence[int]) -> Iterator[Record | Skip]:
         images, labels = self.arrays(split)
@@ -152,8 +155,9 @@ class FashionMnistSource:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("--source fashion_mnist (Debian dataset-fashion-mnist)")
-    group.add_argument("--fashion-mnist-dir",
-                       help=f"directory of the IDX files (default: {DEFAULT_DIR})")
+    group.add_argument(
+        "--fashion-mnist-dir", help=f"directory of the IDX files (default: {DEFAULT_DIR})"
+    )
 
 
 ARG_DESTS = ("fashion_mnist_dir",)
@@ -161,6 +165,8 @@ ARG_DESTS = ("fashion_mnist_dir",)
 
 def from_args(args: argparse.Namespace) -> FashionMnistSource:
     if args.input or args.split:
-        raise ValueError("--source fashion_mnist has fixed train/test splits; it takes no "
-                         "--input/--split (use --fashion-mnist-dir for another location)")
+        raise ValueError(
+            "--source fashion_mnist has fixed train/test splits; it takes no "
+            "--input/--split (use --fashion-mnist-dir for another location)"
+        )
     return FashionMnistSource(data_dir=args.fashion_mnist_dir or DEFAULT_DIR)

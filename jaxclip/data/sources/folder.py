@@ -197,8 +197,13 @@ class FolderSource:
         except OSError as e:
             return Skip("unreadable_image_file", f"{path}: {e}")
         meta = {"path": row.image.strip()}
-        return {"image": image, "captions": captions, "id": record_id, "labels": labels,
-                "meta": meta}
+        return {
+            "image": image,
+            "captions": captions,
+            "id": record_id,
+            "labels": labels,
+            "meta": meta,
+        }
 
 
 def _as_int(value: Any) -> int:
@@ -215,19 +220,30 @@ def _as_int(value: Any) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("--source folder (images + CSV/TSV/JSONL captions)")
-    group.add_argument("--images-root", help="directory image paths are relative to "
-                       "(default: the annotation file's directory)")
+    group.add_argument(
+        "--images-root",
+        help="directory image paths are relative to (default: the annotation file's directory)",
+    )
     group.add_argument("--csv-img-key", help="image path column (default: filepath)")
     group.add_argument("--csv-caption-key", help="caption column (default: title)")
-    group.add_argument("--csv-separator", help="column separator (default: from the extension, "
-                       "tab for .tsv, comma for .csv)")
-    group.add_argument("--csv-id-key",
-                       help="column holding a unique record id (default: row number)")
+    group.add_argument(
+        "--csv-separator",
+        help="column separator (default: from the extension, tab for .tsv, comma for .csv)",
+    )
+    group.add_argument(
+        "--csv-id-key", help="column holding a unique record id (default: row number)"
+    )
     group.add_argument("--csv-label-keys", help="comma-separated integer label columns")
 
 
-ARG_DESTS = ("images_root", "csv_img_key", "csv_caption_key", "csv_separator", "csv_id_key",
-             "csv_label_keys")
+ARG_DESTS = (
+    "images_root",
+    "csv_img_key",
+    "csv_caption_key",
+    "csv_separator",
+    "csv_id_key",
+    "csv_label_keys",
+)
 
 
 def from_args(args: argparse.Namespace) -> FolderSource:

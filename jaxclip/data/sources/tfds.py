@@ -99,8 +99,9 @@ class TfdsSource:
     label_keys: tuple[str, ...] = ()
     id_key: str | None = None
     array_format: str = "png"  # how images stored as uint8 tensors are encoded
-    _sources: dict[str, Any] = dataclasses.field(default_factory=dict, init=False, repr=False,
-                                                 compare=False)
+    _sources: dict[str, Any] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self):
         if isinstance(self.splits_spec, str):
@@ -149,8 +150,10 @@ class TfdsSource:
         features = plain.dataset_info.features
         for key in (self.image_key, self.caption_key, *self.label_keys, self.id_key):
             if key and _feature(features, key) is None:
-                raise KeyError(f"tfds dataset {self.name!r} has no feature {key!r}; "
-                               f"its features are:\n{features}")
+                raise KeyError(
+                    f"tfds dataset {self.name!r} has no feature {key!r}; "
+                    f"its features are:\n{features}"
+                )
         if type(_feature(features, self.image_key)).__name__ == "Image":
             # Keep the stored JPEG/PNG bytes instead of decoding and re-encoding them.
             decoders = _nest(self.image_key, tfds.decode.SkipDecoding())
@@ -214,27 +217,46 @@ class TfdsSource:
             record_id = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
         else:
             record_id = f"{split}-{index}"
-        return {"image": image, "captions": captions, "id": record_id, "labels": labels,
-                "meta": {"tfds_index": index}}
+        return {
+            "image": image,
+            "captions": captions,
+            "id": record_id,
+            "labels": labels,
+            "meta": {"tfds_index": index},
+        }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("--source tfds (a prepared array_record tfds dataset)")
-    group.add_argument("--tfds-name",
-                       help="dataset name, e.g. coco_captions or coco_captions:1.1.0")
-    group.add_argument("--tfds-split", help="comma-separated splits, each SPLIT or OUT=SPEC "
-                       "(e.g. 'train,val=validation[:50%%]'; default: train)")
-    group.add_argument("--tfds-data-dir", help="tfds data_dir (default: TFDS_DATA_DIR or "
-                       "~/tensorflow_datasets)")
+    group.add_argument(
+        "--tfds-name", help="dataset name, e.g. coco_captions or coco_captions:1.1.0"
+    )
+    group.add_argument(
+        "--tfds-split",
+        help="comma-separated splits, each SPLIT or OUT=SPEC "
+        "(e.g. 'train,val=validation[:50%%]'; default: train)",
+    )
+    group.add_argument(
+        "--tfds-data-dir", help="tfds data_dir (default: TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    )
     group.add_argument("--tfds-image-key", help="image feature path (default: image)")
-    group.add_argument("--tfds-caption-key", help="caption feature path (default: caption; "
-                       "captions/text for coco_captions)")
+    group.add_argument(
+        "--tfds-caption-key",
+        help="caption feature path (default: caption; captions/text for coco_captions)",
+    )
     group.add_argument("--tfds-label-keys", help="comma-separated integer label feature paths")
     group.add_argument("--tfds-id-key", help="feature path used as record id (default: index)")
 
 
-ARG_DESTS = ("tfds_name", "tfds_split", "tfds_data_dir", "tfds_image_key", "tfds_caption_key",
-             "tfds_label_keys", "tfds_id_key")
+ARG_DESTS = (
+    "tfds_name",
+    "tfds_split",
+    "tfds_data_dir",
+    "tfds_image_key",
+    "tfds_caption_key",
+    "tfds_label_keys",
+    "tfds_id_key",
+)
 
 
 def from_args(args: argparse.Namespace) -> TfdsSource:

@@ -147,8 +147,9 @@ class WebDatasetSource:
     caption_field: str = "caption"
     image_exts: tuple[str, ...] = DEFAULT_IMAGE_EXTS
     split: str = "train"
-    _paths: list[str] | None = dataclasses.field(default=None, init=False, repr=False,
-                                                 compare=False)
+    _paths: list[str] | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self):
         check_split_name(self.split)
@@ -221,16 +222,26 @@ class WebDatasetSource:
             except (UnicodeDecodeError, ValueError):
                 return Skip("invalid_label", f"{where}: cls={sample['cls'][:20]!r}")
         record_id = f"{tar_name.split('.')[0]}/{key}"
-        return {"image": sample[image_ext], "captions": captions, "id": record_id,
-                "labels": labels, "meta": meta}
+        return {
+            "image": sample[image_ext],
+            "captions": captions,
+            "id": record_id,
+            "labels": labels,
+            "meta": meta,
+        }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("--source webdataset (tar shards; --input takes patterns)")
-    group.add_argument("--wds-caption-field", help="json field holding the caption when a sample "
-                       "has no .txt member (default: caption)")
-    group.add_argument("--wds-image-exts", help="comma-separated image member extensions, in order "
-                       f"of preference (default: {','.join(DEFAULT_IMAGE_EXTS)})")
+    group.add_argument(
+        "--wds-caption-field",
+        help="json field holding the caption when a sample has no .txt member (default: caption)",
+    )
+    group.add_argument(
+        "--wds-image-exts",
+        help="comma-separated image member extensions, in order "
+        f"of preference (default: {','.join(DEFAULT_IMAGE_EXTS)})",
+    )
 
 
 ARG_DESTS = ("wds_caption_field", "wds_image_exts")
