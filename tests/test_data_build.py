@@ -7,6 +7,7 @@ so a test can tell exactly which shards a (re)build touched.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import io
 import os
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 
 from jaxclip.data import build, records
-from jaxclip.data.sources import Skip
+from jaxclip.data.sources import Skip, checks
 from jaxclip.data.sources.folder import FolderSource
 
 
@@ -101,10 +102,10 @@ def shard_state(directory):
 
 
 def test_prepare_image_keeps_small_valid_images_untouched():
-    options = build.ImageOptions(max_image_size=64)
+    options = checks.ImageOptions(max_image_size=64)
     for fmt in ("JPEG", "PNG", "WEBP"):
         data = encoded(fmt=fmt)
-        assert build.prepare_image(data, options) == (data, "")
+        assert checks.prepare_image(data, options) == (data, "")
 
 
 def noisy_jpeg(size=(64, 64)) -> bytes:
@@ -116,43 +117,43 @@ def noisy_jpeg(size=(64, 64)) -> bytes:
 
 
 def test_prepare_image_rejects_truncated_and_garbage():
-    options = build.ImageOptions()
+    options = checks.ImageOptions()
     data = noisy_jpeg()
     cut = data[: len(data) * 3 // 4]
     assert Image.open(io.BytesIO(cut)).size == (64, 64)  # the header alone looks fine
-    truncated = build.prepare_image(cut, options)
+    truncated = checks.prepare_image(cut, options)
     assert truncated.reason == "undecodable_image" and "truncated" in truncated.detail
-    garbage = build.prepare_image(b"\x89PNG\r\n\x1a\n but then nothing", options)
+    garbage = checks.prepare_image(b"\x89PNG\r\n\x1a\n but then nothing", options)
     assert isinstance(garbage, Skip) and garbage.reason == "undecodable_image"
 
 
 def test_prepare_image_shrinks_oversized_images():
-    options = build.ImageOptions(max_image_size=100, jpeg_quality=80)
-    data, done = build.prepare_image(encoded(size=(300, 200), fmt="PNG"), options)
+    options = checks.ImageOptions(max_image_size=100, jpeg_quality=80)
+    data, done = checks.prepare_image(encoded(size=(300, 200), fmt="PNG"), options)
     image = Image.open(io.BytesIO(data))
     assert (image.format, image.size, done) == ("JPEG", (100, 67), "resized_jpeg")
-    data, done = build.prepare_image(encoded(size=(300, 200), mode="RGBA"), options)
+    data, done = checks.prepare_image(encoded(size=(300, 200), mode="RGBA"), options)
     image = Image.open(io.BytesIO(data))  # transparency survives: PNG, not JPEG
     assert (image.format, image.mode, image.size, done) == ("PNG", "RGBA", (100, 67), "resized_png")
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     rotated = encoded(size=(300, 200), fmt="JPEG", exif=exif.tobytes())
-    data, _ = build.prepare_image(rotated, options)
+    data, _ = checks.prepare_image(rotated, options)
     assert Image.open(io.BytesIO(data)).size == (67, 100)
 
 
 def test_prepare_image_converts_other_formats_and_refuses_bombs(monkeypatch):
-    data, done = build.prepare_image(encoded(fmt="GIF"), build.ImageOptions())
+    data, done = checks.prepare_image(encoded(fmt="GIF"), checks.ImageOptions())
     assert Image.open(io.BytesIO(data)).format == "PNG" and done == "converted_GIF_to_png"
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 24x16 is over twice this: a "bomb"
-    skip = build.prepare_image(encoded(), build.ImageOptions())
+    skip = checks.prepare_image(encoded(), checks.ImageOptions())
     assert isinstance(skip, Skip) and skip.reason == "image_too_large"
 
 
 def test_finish_record_checks_fields():
     good = {"image": encoded(), "captions": ["c"], "id": "a", "labels": {"k": 1}, "meta": {}}
-    counter = build.collections.Counter()
-    assert build.finish_record(good, build.ImageOptions(), counter)["image"] == good["image"]
+    counter = collections.Counter()
+    assert checks.finish_record(good, checks.ImageOptions(), counter)["image"] == good["image"]
     for change, reason in (
         ({"captions": []}, "missing_caption"),
         ({"captions": ["ok", ""]}, "missing_caption"),
@@ -161,7 +162,7 @@ def test_finish_record_checks_fields():
         ({"id": ""}, "missing_id"),
         ({"image": b""}, "missing_image"),
     ):
-        result = build.finish_record({**good, **change}, build.ImageOptions(), counter)
+        result = checks.finish_record({**good, **change}, checks.ImageOptions(), counter)
         assert isinstance(result, Skip) and result.reason == reason, change
 
 

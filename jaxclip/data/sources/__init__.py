@@ -9,7 +9,9 @@ flags (`add_arguments`, `ARG_DESTS`) and `from_args`:
     fashion_mnist  Debian dataset-fashion-mnist (zero-shot classes in CLASS_NAMES)
     emoji          Debian fonts-noto-color-emoji + unicode-data (CLDR names as captions)
 
-`jaxclip.data.build` turns any of them into ArrayRecord shards.
+`common` defines the `Source` protocol and the `Skip` marker for bad input items; `checks` holds
+the record and image checks the builder applies to every record. `jaxclip.data.build` turns any
+source into ArrayRecord shards.
 """
 
 from jaxclip.data.sources import emoji, fashion_mnist, folder, tfds, webdataset
