@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import io
 import os
+import signal
 import threading
 
 import numpy as np
@@ -38,6 +39,7 @@ class ListSource:
     n: int = 20
     log: str | None = None
     fail_at: int | None = None
+    kill_at: int | None = None  # SIGKILLs the reading process, like the kernel's OOM killer
 
     def describe(self):
         return f"list source n={self.n}"  # fail_at and log are not part of the output
@@ -64,6 +66,8 @@ class ListSource:
         for i in units:
             if i == self.fail_at:
                 raise RuntimeError(f"simulated crash at item {i}")
+            if i == self.kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
             if i % 11 == 5:
                 yield Skip("missing_caption", f"item {i}")
                 continue
@@ -293,6 +297,17 @@ def test_worker_failure_names_the_shard(folder_dataset, tmp_path):
     os.remove(folder_dataset / "caps.csv")
     with pytest.raises(RuntimeError, match=r"building shard .*train-0000\d-of-00004.* failed"):
         build.build_dataset(source, str(tmp_path / "out"), num_shards=4, workers=2, progress=False)
+
+
+def test_killed_worker_fails_the_build_instead_of_hanging(tmp_path):
+    # ListSource is pickled by reference, so the spawned workers import this test module.
+    with pytest.raises(RuntimeError, match=r"building shard .* failed: A process in the process"):
+        build.build_dataset(
+            ListSource(kill_at=12), str(tmp_path), num_shards=4, workers=2, progress=False
+        )
+    assert not (tmp_path / records.MANIFEST).exists()
+    manifest = build.build_dataset(ListSource(), str(tmp_path), num_shards=4, progress=False)
+    assert manifest.num_records("train") == 15
 
 
 # ---------------------------------------------------------------------------------------------

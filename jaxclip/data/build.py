@@ -41,6 +41,7 @@ import queue as queue_lib
 import shlex
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from jaxclip.data import records
@@ -221,7 +222,11 @@ def build_dataset(
                     config_hash=digest,
                 )
                 stats = _read_json(task.stats_path)
-                finished = os.path.exists(task.path) and stats and stats["config_hash"] == digest
+                finished = (
+                    os.path.exists(task.path)
+                    and isinstance(stats, dict)
+                    and stats.get("config_hash") == digest
+                )
                 (done if finished else todo).append((task, stats))
         results = {t.path: s for t, s in done}
         results.update(
@@ -292,22 +297,29 @@ def _run(
             return results
         context = multiprocessing.get_context("spawn")
         progress_queue = context.Queue()
-        with context.Pool(
+        # An executor, not multiprocessing.Pool: if a worker dies (e.g. killed for memory), Pool
+        # waits forever for its task, the executor fails the task with BrokenProcessPool.
+        pool = ProcessPoolExecutor(
             min(workers, len(tasks)),
+            mp_context=context,
             initializer=_init_worker,
             initargs=(source, options, progress_queue),
-        ) as pool:
-            pending = {task.path: pool.apply_async(_run_in_worker, (task,)) for task in tasks}
+        )
+        try:
+            pending = {pool.submit(_run_in_worker, task): task.path for task in tasks}
             while pending:
                 _drain(progress_queue, bar, timeout=0.2)
-                for path, result in list(pending.items()):
-                    if result.ready():
-                        del pending[path]
-                        try:
-                            results[path] = result.get()
-                        except Exception as e:
-                            raise RuntimeError(f"building shard {path} failed: {e}") from e
+                for future in [f for f in pending if f.done()]:
+                    path = pending.pop(future)
+                    try:
+                        results[path] = future.result()
+                    except Exception as e:
+                        raise RuntimeError(f"building shard {path} failed: {e}") from e
             _drain(progress_queue, bar, timeout=0)
+        finally:
+            # Shards already running finish (and count for a resumed build); queued ones are
+            # dropped.
+            pool.shutdown(wait=True, cancel_futures=True)
     return results
 
 
