@@ -125,6 +125,9 @@ def test_folder_bad_column_and_missing_file_errors(tmp_path):
         FolderSource(str(tmp_path / "caps.csv")).rows()
     with pytest.raises(FileNotFoundError, match=r"nope\.csv"):
         FolderSource(str(tmp_path / "nope.csv"))
+    (tmp_path / "huge.csv").write_text("filepath,title\na.jpg,ok\nb.jpg," + "x" * 200_000 + "\n")
+    with pytest.raises(ValueError, match=r"huge\.csv: after line 2: field larger than field limit"):
+        FolderSource(str(tmp_path / "huge.csv")).rows()
     (tmp_path / "caps.txt").write_text("x")
     with pytest.raises(ValueError, match="separator"):
         FolderSource(str(tmp_path / "caps.txt"))

@@ -381,17 +381,34 @@ def _manifest(
     )
 
 
-def ensure_dataset(source: Source, cache_dir: str, name: str, **kwargs) -> str:
+def ensure_dataset(
+    source: Source,
+    cache_dir: str,
+    name: str,
+    *,
+    num_shards: int | dict[str, int] | None = None,
+    max_image_size: int | None = None,
+    workers: int = 1,
+    progress: bool = False,
+) -> str:
     """Builds `source` under `cache_dir` unless already built; returns the dataset directory.
 
-    The directory name carries a hash of the source settings, so changed settings build a new
-    cache instead of failing. Concurrent callers wait for one build (file lock); an interrupted
-    build is resumed by the next call.
+    The directory name carries a hash of the settings (source, shards, image options, builder
+    version), so changed settings build a new cache instead of failing on the old one. Concurrent
+    callers wait for one build (file lock); an interrupted build is resumed by the next call.
     """
-    key = hashlib.sha256(source.describe().encode()).hexdigest()[:10]
+    settings = [source.describe(), num_shards, max_image_size, BUILDER_VERSION, records.FORMAT]
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     out_dir = os.path.join(cache_dir, f"{name}-{key}")
     if not os.path.exists(os.path.join(out_dir, records.MANIFEST)):
-        build_dataset(source, out_dir, **kwargs)
+        build_dataset(
+            source,
+            out_dir,
+            num_shards=num_shards,
+            max_image_size=max_image_size,
+            workers=workers,
+            progress=progress,
+        )
     return out_dir
 
 
@@ -400,16 +417,21 @@ def ensure_fashion_mnist(
 ) -> str:
     """The Fashion-MNIST dataset directory (train 60k / test 10k), built on first use."""
     source = FashionMnistSource() if data_dir is None else FashionMnistSource(data_dir=data_dir)
-    return ensure_dataset(source, cache_dir, "fashion_mnist", workers=workers, progress=progress)
+    shards = {"train": 12, "test": 2}
+    return ensure_dataset(
+        source, cache_dir, "fashion_mnist", num_shards=shards, workers=workers, progress=progress
+    )
 
 
 def ensure_emoji(
     cache_dir: str, image_size: int = 64, *, workers: int = 1, progress: bool = False
 ) -> str:
-    """The emoji dataset directory (train/eval split by base emoji), built on first use."""
+    """The emoji dataset directory (train 2,886 / eval 769 by base emoji), built on first use."""
     source = EmojiSource(image_size=image_size)
+    shards = {"train": 4, "eval": 2}
+    name = f"emoji{image_size}"
     return ensure_dataset(
-        source, cache_dir, f"emoji{image_size}", workers=workers, progress=progress
+        source, cache_dir, name, num_shards=shards, workers=workers, progress=progress
     )
 
 

@@ -102,7 +102,10 @@ class FolderSource:
                     f"{self.annotations}: no column(s) {missing}; the header has {header} "
                     f"(is the separator {self._separator()!r} right?)"
                 )
-            return [self._row(values) for values in reader]
+            try:
+                return [self._row(values) for values in reader]
+            except csv.Error as e:  # e.g. an unterminated quote or a field over the size limit
+                raise ValueError(f"{self.annotations}: after line {reader.line_num}: {e}") from e
 
     def _parse_jsonl(self) -> list[Row]:
         rows: list[Row] = []
