@@ -25,7 +25,7 @@ import dataclasses
 import glob
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import msgpack
@@ -76,8 +76,17 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
     return f"{split}-{index:05d}-of-{num_shards:05d}{SHARD_SUFFIX}"
 
 
-def write_shard(path: str, records: Iterable[dict[str, Any]]) -> int:
-    """Writes records to `path` atomically (temp file + rename); returns the number written."""
+def write_shard(
+    path: str,
+    records: Iterable[dict[str, Any]],
+    *,
+    before_commit: Callable[[int], None] | None = None,
+) -> int:
+    """Writes records to `path` atomically (temp file + rename); returns the number written.
+
+    `before_commit(count)` runs after the last record is written and before the rename, so anything
+    it saves (the builder's per-shard statistics) exists whenever the shard file does.
+    """
     from array_record.python import array_record_module
 
     tmp = path + ".tmp"
@@ -89,6 +98,8 @@ def write_shard(path: str, records: Iterable[dict[str, Any]]) -> int:
             count += 1
     finally:
         writer.close()
+    if before_commit is not None:
+        before_commit(count)
     os.replace(tmp, path)
     return count
 
