@@ -19,8 +19,11 @@ import ml_collections
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.model = dict(name="ViT-Ti-8-64", embed_dim=128)
-    c.train = dict(steps=600, batch_size=128, log_every=50, ckpt_every=300)
+    # Patch 16 (16 image tokens) and unrolled layers: 3x the throughput of patch 8 with scan on
+    # 2 CPU cores, which buys more steps in the time budget. Captions are at most 15 tokens.
+    c.model = dict(name="ViT-Ti-8-64", embed_dim=128, scan_layers=False,
+                   image=dict(patch_size=16), text=dict(context_length=16))
+    c.train = dict(steps=900, batch_size=128, log_every=50, ckpt_every=300)
     c.optim = dict(lr=1e-3, wd=0.1, warmup_steps=50)
     c.data = dict(
         train=dict(dataset="shapes", split="train"),

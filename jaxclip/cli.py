@@ -1,6 +1,7 @@
 """The `jaxclip` command line: `jaxclip <subcommand> ...`.
 
     jaxclip train --config configs/demo.py --workdir runs/demo [--config.train.steps=200 ...]
+    jaxclip data build --source folder --input captions.csv --images-root imgs/ --out DIR
 
 Config overrides are `--config.<dotted key>=<value>` (or `--config.<key> <value>`); a key that is
 not in the schema or a value of the wrong type is an error naming the key.
@@ -57,9 +58,25 @@ def cmd_train(args, extra) -> int:
     return 0
 
 
+def cmd_data_build(args, extra) -> int:
+    if extra:
+        raise SystemExit(f"jaxclip data build: unrecognised arguments {extra}")
+    from jaxclip.data import build
+
+    return build.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxclip", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command",
+                                                                       required=True)
+    p = data.add_parser("build", help="convert a dataset into jaxclip record shards (parallel, "
+                                      "resumable; bad inputs are skipped and counted)")
+    from jaxclip.data import build
+
+    build.add_arguments(p)
+    p.set_defaults(fn=cmd_data_build)
     p = sub.add_parser("train", help="train (or resume) an experiment in a workdir")
     p.add_argument("--config", required=True, help="config file, optionally path.py:arg")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics and config go here")

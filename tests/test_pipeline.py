@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxclip.data import pipeline, records, shapes
+from jaxclip.data import build, pipeline, records
+from jaxclip.data.sources.shapes import ShapesSource
 
 
 class WordTokenizer:
@@ -23,8 +24,10 @@ class WordTokenizer:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return shapes.build(str(tmp_path_factory.mktemp("shapes")), train=96, val=8, novel=8,
-                        shard_size=40)
+    out = str(tmp_path_factory.mktemp("shapes"))
+    build.build_dataset(ShapesSource(train=96, val=8, novel=8), out,
+                        num_shards={"train": 3, "val": 1, "novel": 1}, progress=False)
+    return out
 
 
 def _batches(dataset, *, start=0, host_index=0, host_count=1, n=3, batch=16, workers=0,

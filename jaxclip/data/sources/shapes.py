@@ -1,8 +1,8 @@
 """The built-in demo dataset: procedurally drawn shapes with compositional captions.
 
 Each image holds two objects, each with a size, a colour and a shape, in a spatial relation:
-"a large red circle above a small blue square". The set is written once as jaxclip records into a
-cache directory and then streamed like any real dataset, so the demo exercises the whole pipeline.
+"a large red circle above a small blue square". It is a `Source` like any converter, so the demo
+builds it into the cache on first use and then streams it like real data.
 
 Splits (all generated from fixed seeds, so a cache is reproducible):
   train  objects never use a held-out colour-shape pair (`HELD_OUT`);
@@ -13,14 +13,17 @@ Splits (all generated from fixed seeds, so a cache is reproducible):
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import functools
 import io
-import os
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from jaxclip.data import records
+from jaxclip.data.sources.common import Record, Skip, shards_for
 
 VERSION = 1
 SIZES = ("small", "large")
@@ -117,63 +120,104 @@ def _canonical(objects, rel: str) -> str:
     return caption(objects, rel)
 
 
-def generate(split: str, count: int, seed: int, image_size: int = 64):
-    """Yields `count` records of `split`; deterministic in (split, seed)."""
-    split_seed = {"train": 0, "val": 1, "novel": 2}[split]
-    rng = np.random.default_rng([seed, split_seed, VERSION])
-    seen_captions: set[str] = set()
+def _record(split: str, index: int, objs, rel: str, rng, image_size: int) -> Record:
+    buf = io.BytesIO()
+    Image.fromarray(render(objs, rel, rng, image_size)).save(buf, format="JPEG", quality=92)
+    return {
+        "image": buf.getvalue(),
+        "captions": [caption(objs, rel)],
+        "id": f"{split}-{index:06d}",
+        "labels": {"relation": RELATIONS.index(rel)},
+        "meta": {"objects": [list(o) for o in objs], "relation": rel},
+    }
+
+
+def train_record(index: int, seed: int, image_size: int = 64) -> Record:
+    """Training record `index`: a function of (index, seed) alone, so shards build in parallel."""
+    rng = np.random.default_rng([seed, 0, VERSION, index])
+    objs = [_sample_object(rng, lambda p: p not in HELD_OUT) for _ in range(2)]
+    rel = RELATIONS[rng.integers(len(RELATIONS))]
+    return _record("train", index, objs, rel, rng, image_size)
+
+
+def eval_records(split: str, count: int, seed: int, image_size: int = 64) -> Iterator[Record]:
+    """The `val` or `novel` split: drawn in sequence, skipping scenes already drawn."""
+    rng = np.random.default_rng([seed, {"val": 1, "novel": 2}[split], VERSION])
+    seen: set[str] = set()
     i = 0
     while i < count:
         if split == "novel":
             held = sorted(HELD_OUT)
             objs = [_sample_object(rng, lambda p: p not in HELD_OUT)]
-            size = SIZES[rng.integers(2)]
-            objs.insert(int(rng.integers(2)), (size, *held[rng.integers(len(held))]))
+            objs.insert(int(rng.integers(2)), (SIZES[rng.integers(2)],
+                                               *held[rng.integers(len(held))]))
         else:
             objs = [_sample_object(rng, lambda p: p not in HELD_OUT) for _ in range(2)]
         rel = RELATIONS[rng.integers(len(RELATIONS))]
-        text = caption(objs, rel)
-        if split != "train":  # unique scenes keep retrieval unambiguous
-            key = _canonical(objs, rel)
-            if key in seen_captions:
-                continue
-            seen_captions.add(key)
-        buf = io.BytesIO()
-        Image.fromarray(render(objs, rel, rng, image_size)).save(buf, format="JPEG", quality=92)
-        yield {
-            "image": buf.getvalue(),
-            "captions": [text],
-            "id": f"{split}-{i:06d}",
-            "labels": {"relation": RELATIONS.index(rel)},
-            "meta": {"objects": [list(o) for o in objs], "relation": rel},
-        }
+        key = _canonical(objs, rel)
+        if key in seen:  # unique scenes keep retrieval unambiguous
+            continue
+        seen.add(key)
+        yield _record(split, i, objs, rel, rng, image_size)
         i += 1
 
 
-def build(directory: str, *, train: int = 60000, val: int = 1000, novel: int = 1000,
-          seed: int = 0, image_size: int = 64, shard_size: int = 10000) -> str:
-    """Writes the dataset (skipping shards that exist) and its manifest; returns `directory`."""
-    os.makedirs(directory, exist_ok=True)
-    splits = {}
-    for split, count in (("train", train), ("val", val), ("novel", novel)):
-        n_shards = max(1, -(-count // shard_size))
-        stream = generate(split, count, seed, image_size)
-        shards = []
-        for k in range(n_shards):
-            name = records.shard_name(split, k, n_shards)
-            path = os.path.join(directory, name)
-            size = min(shard_size, count - k * shard_size)
-            chunk = (next(stream) for _ in range(size))
-            if os.path.exists(path):  # finished by an earlier run; advance the generator past it
-                for _ in chunk:
-                    pass
-            else:
-                records.write_shard(path, chunk)
-            shards.append({"file": name, "count": size})
-        splits[split] = {"num_records": count, "shards": shards}
-    records.write_manifest(directory, records.Manifest(
-        splits=splits, source=f"jaxclip.data.shapes v{VERSION} (procedural)",
-        build_command=f"shapes.build(train={train}, val={val}, novel={novel}, seed={seed}, "
-                      f"image_size={image_size})",
-        info={"held_out_pairs": sorted(map(list, HELD_OUT)), "image_size": image_size}))
-    return directory
+@dataclasses.dataclass(frozen=True)
+class ShapesSource:
+    train: int = 40000
+    val: int = 1000
+    novel: int = 1000
+    seed: int = 0
+    image_size: int = 64
+
+    def describe(self) -> str:
+        return (f"shapes v{VERSION} (procedural): train={self.train} val={self.val} "
+                f"novel={self.novel} seed={self.seed} image_size={self.image_size}")
+
+    def splits(self) -> tuple[str, ...]:
+        return ("train", "val", "novel")
+
+    def work_units(self, split: str) -> Sequence[Any]:
+        # Evaluation splits are one unit: uniqueness of scenes needs them drawn in sequence.
+        return range(self.train) if split == "train" else [split]
+
+    def num_records(self, split: str) -> int:
+        return getattr(self, split)
+
+    def default_num_shards(self, split: str) -> int:
+        return shards_for(self.train) if split == "train" else 1
+
+    def info(self) -> dict[str, Any]:
+        return {"held_out_pairs": sorted(map(list, HELD_OUT)), "image_size": self.image_size,
+                "relations": list(RELATIONS)}
+
+    def read(self, split: str, units: Sequence[Any]) -> Iterator[Record | Skip]:
+        if split == "train":
+            for index in units:
+                yield train_record(index, self.seed, self.image_size)
+        else:
+            for _ in units:
+                yield from eval_records(split, getattr(self, split), self.seed, self.image_size)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("--source shapes (procedural demo data)")
+    group.add_argument("--shapes-train", type=int, help="training records (default 40000)")
+    group.add_argument("--shapes-eval", type=int, help="records of val and of novel (default 1000)")
+    group.add_argument("--shapes-seed", type=int, help="generator seed (default 0)")
+    group.add_argument("--shapes-image-size", type=int, help="image side in pixels (default 64)")
+
+
+ARG_DESTS = ("shapes_train", "shapes_eval", "shapes_seed", "shapes_image_size")
+
+
+def from_args(args: argparse.Namespace) -> ShapesSource:
+    if args.input or args.split:
+        raise ValueError("--source shapes generates its own train/val/novel splits; it takes no "
+                         "--input/--split")
+    d = ShapesSource()
+    n_eval = args.shapes_eval if args.shapes_eval is not None else d.val
+    return ShapesSource(
+        train=d.train if args.shapes_train is None else args.shapes_train, val=n_eval,
+        novel=n_eval, seed=d.seed if args.shapes_seed is None else args.shapes_seed,
+        image_size=d.image_size if args.shapes_image_size is None else args.shapes_image_size)
