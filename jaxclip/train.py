@@ -350,8 +350,8 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
     data = make_data(cfg, start, tokenizer)
     steps = cfg.train.steps
     end = steps if stop_at is None else min(stop_at, steps)
-    if start == 0:
-        writer.write(0, evaluators.run(state, 0, at_start=True))
+    if start == 0 and (first := evaluators.run(state, 0, at_start=True)):
+        writer.write(0, first)
 
     progress = None
     if cfg.train.progress and jax.process_index() == 0:
