@@ -45,9 +45,14 @@ def _load_config(args, extra) -> config.ConfigDict:
 def cmd_train(args, extra) -> int:
     cfg = _load_config(args, extra)
     from jaxclip import distributed, train
+    from jaxclip.preemption import EXIT_PREEMPTED, Preempted
 
     distributed.maybe_initialize()
-    metrics = train.train(cfg, args.workdir, stop_at=args.stop_at)
+    try:
+        metrics = train.train(cfg, args.workdir, stop_at=args.stop_at)
+    except Preempted as e:
+        print(f"jaxclip: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     evals = {k: v for k, v in metrics.items() if k.startswith("eval/") and
              not k.endswith("/seconds")}
     if evals:

@@ -119,6 +119,7 @@ def defaults() -> ConfigDict:
     t.keep_every = 0  # ... plus every M-th step (0: none)
     t.peak_tflops = 0.0  # per-device peak for MFU; 0 = datasheet table / measured on CPU
     t.progress = True  # terminal progress bar
+    t.profile_steps = (0, 0)  # (a, b): jax.profiler trace of steps a..b into WORKDIR/profile
 
     c.data = d = ConfigDict()
     # The training stream: a dataset directory of jaxclip records, or a built-in name that is

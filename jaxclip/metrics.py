@@ -1,12 +1,19 @@
-"""Where training metrics go: WORKDIR/metrics.jsonl (one JSON object per line) and TensorBoard.
+"""Training metrics: where they go, how a logging window is summarised, where the time went.
 
-Only process 0 writes. Values are written as plain floats; `step` is always present. The JSONL
-file is appended to (a resumed run continues the same file) and flushed after every write, so a
-killed run loses nothing that was logged.
+MetricWriter  WORKDIR/metrics.jsonl (one JSON object per line, always with `step`) and
+              TensorBoard; only process 0 writes; appended to by resumed runs and flushed after
+              every line, so a killed run loses nothing that was logged.
+LogWindow     the steps since the last log line: their device metrics are fetched once per
+              window (the host never waits on the device in between) and averaged; samples/s,
+              TFLOP/s and MFU come from host wall time over the window.
+Goodput       cumulative wall-clock accounting of a run across restarts: initialising,
+              restoring, compiling, stepping, waiting for data, checkpointing, evaluating;
+              `goodput/fraction` is the share of wall time spent stepping. Checkpoints carry it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -61,3 +68,77 @@ def read_metrics(workdir: str) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+class LogWindow:
+    def __init__(self):
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.pending: list[tuple[int, dict]] = []  # still on device
+        self.done: list[tuple[int, dict]] = []  # fetched and checked
+        self.start = now
+        self.steps = 0
+        self.data_wait = 0.0
+        self.skipped = 0
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+        self.steps += 1
+
+    def sync(self) -> list[tuple[int, dict]]:
+        """Fetches pending metrics (waiting for their steps) and stops on a non-finite loss."""
+        fetched = [(s, jax.device_get(m)) for s, m in self.pending]
+        self.pending = []
+        for step, m in fetched:
+            loss = float(m["loss"])
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss} at step {step}; stopping. Checkpoints written before this "
+                    "step are intact (lower optim.lr, raise optim.warmup_steps, or check the "
+                    "data).")
+        self.done += fetched
+        return self.done
+
+    def summary(self, batch_size: int, n_devices: int, flops_per_sample: float,
+                peak: float | None) -> dict:
+        """The window's mean metrics plus throughput; resets the window."""
+        fetched = self.sync()
+        now = time.perf_counter()
+        elapsed = max(now - self.start, 1e-9)
+        row = {k: float(np.mean([f[k] for _, f in fetched])) for k in fetched[-1][1]}
+        sps = self.steps * batch_size / elapsed
+        row.update(samples_per_sec=sps, samples_per_sec_per_device=sps / n_devices,
+                   step_time_s=elapsed / self.steps, data_wait_frac=self.data_wait / elapsed,
+                   skipped_records=self.skipped,
+                   tflops_per_device=sps * flops_per_sample / n_devices / 1e12)
+        if peak:
+            row["mfu"] = sps * flops_per_sample / (n_devices * peak)
+        self.reset(now)
+        return row
+
+
+@dataclasses.dataclass
+class Goodput:
+    total_s: float = 0.0  # wall time of all invocations so far
+    init_s: float = 0.0
+    restore_s: float = 0.0
+    compile_s: float = 0.0
+    step_s: float = 0.0
+    data_wait_s: float = 0.0
+    checkpoint_s: float = 0.0
+    eval_s: float = 0.0
+
+    @classmethod
+    def from_dict(cls, values: Mapping | None) -> Goodput:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: float(v) for k, v in (values or {}).items() if k in fields})
+
+    def row(self) -> dict[str, float]:
+        out = {f"goodput/{k}": v for k, v in dataclasses.asdict(self).items()}
+        out["goodput/fraction"] = self.step_s / self.total_s if self.total_s > 0 else 0.0
+        return out

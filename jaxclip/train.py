@@ -19,26 +19,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from jaxclip import checkpoint, config, flops, losses, optim, sharding, tree
-from jaxclip.data import pipeline
-from jaxclip.metrics import MetricWriter
+from jaxclip.data import pipeline, stream
+from jaxclip.metrics import Goodput, LogWindow, MetricWriter, NonFiniteLossError
 from jaxclip.models import build_model
+from jaxclip.preemption import Preempted, PreemptionWatcher
 
-
-class NonFiniteLossError(FloatingPointError):
-    pass
-
+__all__ = ["Model", "NonFiniteLossError", "Preempted", "TrainState", "build", "init_state",
+           "make_encoders", "make_train_step", "train"]
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -176,33 +173,6 @@ def make_encoders(m: Model):
     return jax.jit(encode_image, **kw), jax.jit(encode_text, **kw)
 
 
-def _data_sources(cfg) -> list[tuple[str, str, float]]:
-    d = cfg.data
-    entries = list(d.train.mixture) or [dict(dataset=d.train.dataset, split=d.train.split,
-                                             weight=1.0)]
-    out = []
-    for e in entries:
-        unknown = set(e) - {"dataset", "split", "weight"}
-        if unknown:
-            raise config.ConfigError(f"data.train.mixture entry has unknown keys {sorted(unknown)}")
-        out.append((pipeline.dataset_dir(e["dataset"], d.cache_dir), e.get("split", "train"),
-                    float(e.get("weight", 1.0))))
-    return out
-
-
-def make_data(cfg, start_step: int, tokenizer):
-    img = cfg.data.image_size if cfg.data.image_size > 0 else cfg.model.image.image_size
-    aug = cfg.data.augment
-    transform = pipeline.ElementTransform(
-        image_size=img, augment=aug.kind, scale=tuple(aug.scale), ratio=tuple(aug.ratio),
-        caption=cfg.data.caption, seed=data_seed(cfg))
-    return pipeline.train_batches(
-        _data_sources(cfg), transform=transform, tokenizer=tokenizer,
-        context_length=cfg.model.text.context_length, global_batch=cfg.train.batch_size,
-        start_step=start_step, host_index=jax.process_index(), host_count=jax.process_count(),
-        seed=data_seed(cfg), workers=cfg.data.workers, prefetch=cfg.data.prefetch)
-
-
 def make_tokenizer(cfg):
     from jaxclip.tokenizer import build_tokenizer
 
@@ -223,74 +193,21 @@ def batch_specs(cfg, mesh) -> dict:
                                          sharding=sh)}
 
 
-def data_seed(cfg) -> int:
-    return cfg.seed if cfg.data.shuffle_seed < 0 else cfg.data.shuffle_seed
 
 
-def data_state(cfg, next_step: int) -> dict:
-    """What the input stream needs to resume exactly: its position and its invariants."""
-    return {"next_step": int(next_step), "global_batch": int(cfg.train.batch_size),
-            "seed": data_seed(cfg),
-            "sources": [list(s) for s in _data_sources(cfg)]}
-
-
-def check_data_state(cfg, saved: dict) -> None:
-    now = data_state(cfg, saved["next_step"])
-    for key in ("global_batch", "seed", "sources"):
-        if now[key] != saved.get(key):
-            raise ValueError(
-                f"cannot resume the data stream exactly: {key} was {saved.get(key)!r} when the "
-                f"checkpoint was written and is {now[key]!r} now. Restore the original value, or "
-                "start a new workdir (initialising from this checkpoint).")
-
-
-class _Window:
-    """Steps since the last log line: their device metrics (fetched lazily) and their wall time."""
-
-    def __init__(self):
-        self.reset(time.perf_counter())
-
-    def reset(self, now: float):
-        self.pending: list[tuple[int, dict]] = []  # still on device
-        self.done: list[tuple[int, dict]] = []  # fetched and checked
-        self.start = now
-        self.steps = 0
-        self.data_wait = 0.0
-        self.skipped = 0
-
-    def sync(self) -> list[tuple[int, dict]]:
-        """Fetches pending metrics (blocking on their steps) and stops on a non-finite loss."""
-        fetched = [(s, jax.device_get(mets)) for s, mets in self.pending]
-        self.pending = []
-        for step, mets in fetched:
-            loss = float(mets["loss"])
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss} at step {step}; stopping. Checkpoints written before this "
-                    "step are intact (lower optim.lr, raise optim.warmup_steps, or check the "
-                    "data).")
-        self.done += fetched
-        return self.done
-
-
-def _log_window(window: _Window, step: int, writer, progress, cfg, n_dev: int,
-                flops_per_sample: float, peak: float | None) -> dict:
-    fetched = window.sync()
-    now = time.perf_counter()
-    elapsed = max(now - window.start, 1e-9)
-    row = {k: float(np.mean([f[k] for _, f in fetched])) for k in fetched[-1][1]}
-    sps = window.steps * cfg.train.batch_size / elapsed
-    row.update(samples_per_sec=sps, samples_per_sec_per_device=sps / n_dev,
-               step_time_s=elapsed / window.steps, data_wait_frac=window.data_wait / elapsed,
-               skipped_records=window.skipped,
-               tflops_per_device=sps * flops_per_sample / n_dev / 1e12)
-    if peak:
-        row["mfu"] = sps * flops_per_sample / (n_dev * peak)
-    writer.write(step, row)
-    if progress is not None:
-        progress.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{sps:.0f}")
-    window.reset(now)
-    return row
+def _setup_metrics(compiled, cfg, n_dev: int, flops_per_sample: float, peak: float | None,
+                   peak_source: str) -> dict:
+    out = {"devices": n_dev, "hosts": jax.process_count(), "flops_per_sample": flops_per_sample,
+           "peak_flops_per_device": peak or 0.0}
+    mem = compiled.memory_analysis()
+    if mem is not None:  # what XLA plans to allocate for one step, per device
+        out["step_temp_mb"] = mem.temp_size_in_bytes / 2**20
+        out["step_args_mb"] = mem.argument_size_in_bytes / 2**20
+        out["step_output_mb"] = mem.output_size_in_bytes / 2**20
+    logging.info("train step: %s; MFU peak per device: %s", ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()),
+        peak_source)
+    return {f"setup/{k}": v for k, v in out.items()}
 
 
 def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
@@ -298,9 +215,11 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
 
     `stop_at` ends this invocation early at that step with a checkpoint (for time-limited jobs);
     the schedule still spans `train.steps`, and a later invocation continues from there.
+    Raises `Preempted` after checkpointing when SIGTERM/SIGINT arrives (see jaxclip.preemption).
     """
     from jaxclip.evals import Evaluators
 
+    invocation_start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -319,77 +238,101 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
     evaluators = Evaluators(cfg, m, tokenizer)
 
     t0 = time.perf_counter()
-    start = ckpt.latest_step()
-    if start is not None:
-        state, saved_data, _ = ckpt.restore(start, m.abstract_state)
-        check_data_state(cfg, saved_data)
+    restored = ckpt.restore_newest(m.abstract_state)
+    if restored is not None:
+        start, items = restored
+        state = items["state"]
+        stream.check_stream_state(cfg, items["data"])
+        goodput = Goodput.from_dict(items.get("progress", {}).get("goodput"))
+        goodput.restore_s += time.perf_counter() - t0
         logging.info("resumed from step %d in %s", start, workdir)
     else:
-        start = 0
+        start, goodput = 0, Goodput()
         state = init_state(m)
-    restore_time = time.perf_counter() - t0
+        goodput.init_s += time.perf_counter() - t0
+    prior_total = goodput.total_s
 
-    step_fn = make_train_step(m)
-    batch_spec = batch_specs(cfg, m.mesh)
+    def account_wall() -> None:
+        goodput.total_s = prior_total + time.perf_counter() - invocation_start
+
     t0 = time.perf_counter()
-    compiled = step_fn.lower(m.abstract_state, batch_spec).compile()
-    compile_time = time.perf_counter() - t0
-    static = {"compile_s": compile_time, "restore_s": restore_time, "devices": n_dev,
-              "hosts": jax.process_count()}
-    mem = compiled.memory_analysis()
-    if mem is not None:
-        static["step_temp_mb"] = mem.temp_size_in_bytes / 2**20
-        static["step_args_mb"] = mem.argument_size_in_bytes / 2**20
+    compiled = make_train_step(m).lower(m.abstract_state, batch_specs(cfg, m.mesh)).compile()
+    goodput.compile_s += time.perf_counter() - t0
     flops_per_sample = flops.train_flops_per_sample(cfg, cfg.train.batch_size)
     peak, peak_source = flops.device_peak(cfg.model.dtype, cfg.train.peak_tflops)
-    static.update(flops_per_sample=flops_per_sample, peak_flops_per_device=peak or 0.0)
-    logging.info("compiled the train step in %.1fs; MFU peak: %s", compile_time, peak_source)
-    if jax.process_index() == 0:
-        writer.write(start, {f"setup/{k}": v for k, v in static.items()})
+    writer.write(start, _setup_metrics(compiled, cfg, n_dev, flops_per_sample, peak, peak_source))
 
-    data = make_data(cfg, start, tokenizer)
-    steps = cfg.train.steps
-    end = steps if stop_at is None else min(stop_at, steps)
-    if start == 0 and (first := evaluators.run(state, 0, at_start=True)):
-        writer.write(0, first)
+    data = stream.train_stream(cfg, start, tokenizer)
+    end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
+    if start == 0:
+        t0 = time.perf_counter()
+        if first := evaluators.run(state, 0, at_start=True):
+            writer.write(0, first)
+        goodput.eval_s += time.perf_counter() - t0
 
     progress = None
     if cfg.train.progress and jax.process_index() == 0:
         from tqdm import tqdm
 
-        progress = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-
-    window = _Window()
+        progress = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step",
+                        dynamic_ncols=True)
+    profile_from, profile_to = (int(x) for x in cfg.train.profile_steps)
+    watcher = PreemptionWatcher()
+    window = LogWindow()
     last_logged: dict = {}
     step = start
     try:
         while step < end:
-            t_wait = time.perf_counter()
+            if step + 1 == profile_from:  # trace steps profile_from..profile_to
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            t0 = time.perf_counter()
             host_batch = next(data)
-            window.data_wait += time.perf_counter() - t_wait
+            waited = time.perf_counter() - t0
+            window.data_wait += waited
+            goodput.data_wait_s += waited
             window.skipped += int(host_batch.pop("skipped"))
             batch = sharding.global_batch(host_batch, m.mesh)
-            state, mets = compiled(state, batch)
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, batch)
             step += 1
-            window.steps += 1
-            window.pending.append((step, mets))
+            window.add(step, metrics)
+            if step == profile_to:
+                jax.block_until_ready(metrics)
+                jax.profiler.stop_trace()
+            goodput.step_s += time.perf_counter() - t0
             if progress is not None:
                 progress.update(1)
 
-            save_now = ckpt.should_save(step) or step == end
-            if save_now:
+            preempted = watcher.should_stop(step)
+            if ckpt.should_save(step) or step == end or preempted:
                 window.sync()  # never checkpoint past a non-finite loss
-                ckpt.save(step, state, data_state(cfg, step), cfg.to_dict(), force=step == end)
-            if step % cfg.train.log_every == 0 or step == end:
-                last_logged = _log_window(window, step, writer, progress, cfg, n_dev,
-                                          flops_per_sample, peak)
-            t_eval = time.perf_counter()
-            eval_metrics = evaluators.run(state, step, final=step == steps)
-            if eval_metrics:
+                t0 = time.perf_counter()
+                account_wall()
+                ckpt.save(step, state, data=stream.stream_state(cfg, step), config=cfg.to_dict(),
+                          progress={"goodput": dataclasses.asdict(goodput)}, force=True)
+                if preempted:
+                    ckpt.wait()
+                goodput.checkpoint_s += time.perf_counter() - t0
+            if step % cfg.train.log_every == 0 or step == end or preempted:
+                row = window.summary(cfg.train.batch_size, n_dev, flops_per_sample, peak)
+                account_wall()
+                row.update(goodput.row())
+                writer.write(step, row)
+                last_logged = row
+                if progress is not None:
+                    progress.set_postfix(loss=f"{row['loss']:.3f}",
+                                         sps=f"{row['samples_per_sec']:.0f}")
+            if preempted:
+                raise Preempted(step)
+            t0 = time.perf_counter()
+            if eval_metrics := evaluators.run(state, step, final=step == cfg.train.steps):
                 writer.write(step, eval_metrics)
                 last_logged.update(eval_metrics)
-                window.start += time.perf_counter() - t_eval  # not training throughput
+                seconds = time.perf_counter() - t0
+                goodput.eval_s += seconds
+                window.start += seconds  # evaluation is not training throughput
     finally:
+        watcher.close()
         if progress is not None:
             progress.close()
         ckpt.close()

@@ -1,0 +1,68 @@
+"""The training stream of an experiment: its sources, its batches, and what resuming it needs.
+
+`train_stream(cfg, start_step, tokenizer)` builds the step-indexed pipeline
+(`jaxclip.data.pipeline`) from the config's `data` section for this host. Because batch s is a
+pure function of (sources, seed, global batch, s), resuming needs only the next step — plus a
+check that those invariants still hold. `stream_state` is what a checkpoint records;
+`check_stream_state` refuses a resume that would silently change the data order. The number of
+hosts and of loader workers may change between runs: neither affects the batches.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from jaxclip import config
+from jaxclip.data import pipeline
+
+
+def sources(cfg) -> list[tuple[str, str, float]]:
+    """(dataset directory, split, weight) of every training source, building built-ins."""
+    d = cfg.data
+    entries = list(d.train.mixture) or [dict(dataset=d.train.dataset, split=d.train.split,
+                                             weight=1.0)]
+    out = []
+    for e in entries:
+        unknown = set(e) - {"dataset", "split", "weight"}
+        if unknown:
+            raise config.ConfigError(f"data.train.mixture entry has unknown keys {sorted(unknown)}")
+        out.append((pipeline.dataset_dir(e["dataset"], d.cache_dir), e.get("split", "train"),
+                    float(e.get("weight", 1.0))))
+    return out
+
+
+def seed(cfg) -> int:
+    return cfg.seed if cfg.data.shuffle_seed < 0 else cfg.data.shuffle_seed
+
+
+def image_size(cfg) -> int:
+    return cfg.data.image_size if cfg.data.image_size > 0 else cfg.model.image.image_size
+
+
+def train_stream(cfg, start_step: int, tokenizer):
+    """Host batches for steps start_step, start_step + 1, ... of this process."""
+    aug = cfg.data.augment
+    transform = pipeline.ElementTransform(
+        image_size=image_size(cfg), augment=aug.kind, scale=tuple(aug.scale),
+        ratio=tuple(aug.ratio), caption=cfg.data.caption, seed=seed(cfg))
+    return pipeline.train_batches(
+        sources(cfg), transform=transform, tokenizer=tokenizer,
+        context_length=cfg.model.text.context_length, global_batch=cfg.train.batch_size,
+        start_step=start_step, host_index=jax.process_index(), host_count=jax.process_count(),
+        seed=seed(cfg), workers=cfg.data.workers, prefetch=cfg.data.prefetch)
+
+
+def stream_state(cfg, next_step: int) -> dict:
+    """What the stream needs to resume exactly: its position and its invariants."""
+    return {"next_step": int(next_step), "global_batch": int(cfg.train.batch_size),
+            "seed": seed(cfg), "sources": [list(s) for s in sources(cfg)]}
+
+
+def check_stream_state(cfg, saved: dict) -> None:
+    now = stream_state(cfg, saved["next_step"])
+    for key in ("global_batch", "seed", "sources"):
+        if now[key] != saved.get(key):
+            raise ValueError(
+                f"cannot resume the data stream exactly: {key} was {saved.get(key)!r} when the "
+                f"checkpoint was written and is {now[key]!r} now. Restore the original value, or "
+                "start a new workdir (initialising from this checkpoint).")
