@@ -2,8 +2,9 @@
 
 The trainer asks `watcher.should_stop(step)` after every step. When it says yes, the trainer
 writes a checkpoint of that step, waits until it is committed, and raises `Preempted`; the CLI
-exits with status EXIT_PREEMPTED (75, EX_TEMPFAIL: "try again"), so a scheduler or wrapper can
-tell a preemption from a failure and simply rerun the same command, which resumes there.
+exits with status EXIT_PREEMPTED = 143 (128 + SIGTERM, what a process killed by SIGTERM reports),
+which schedulers treat as retriable (xpk/Kubernetes pod failure policies restart on >= 127), and
+rerunning the same command resumes from that checkpoint. A finished run exits 0, a failed one 1.
 
 Single process: Python handlers for SIGTERM and SIGINT set a flag (a second SIGINT aborts at once).
 Several processes: every process must stop after the *same* step, so the decision goes through
@@ -20,7 +21,7 @@ import threading
 
 import jax
 
-EXIT_PREEMPTED = 75
+EXIT_PREEMPTED = 143
 
 
 class Preempted(Exception):
