@@ -158,6 +158,12 @@ trap 'on_signal TERM' TERM
 trap 'on_signal INT' INT
 trap 'on_signal HUP' HUP
 
+# The prefixer. mawk (Debian's awk) reads a pipe in large blocks unless told -W interactive, so
+# lines would only show up when a process exits; gawk and BSD awk pass lines on as they come.
+awk_cmd=(awk)
+# (No `| grep -q` here: grep exiting early would SIGPIPE awk and, under pipefail, fail the test.)
+case "$(awk -W version 2>&1 || true)" in *mawk*) awk_cmd+=(-W interactive) ;; esac
+
 # Job control: every process leads its own process group, so a terminal's Ctrl-C reaches only
 # this launcher (which forwards it once) and a process tree can be killed as a whole.
 set -m
@@ -166,7 +172,8 @@ for ((r = 0; r < nproc; r++)); do
   fifo="$tmp/out$r"
   mkfifo "$fifo"
   log="${log_dir:+$log_dir/rank$r.log}"
-  awk -v prefix="[$r] " -v logfile="$log" \
+  # shellcheck disable=SC2016  # (an awk program)
+  "${awk_cmd[@]}" -v prefix="[$r] " -v logfile="$log" \
     '{ print prefix $0; fflush(); if (logfile != "") { print > logfile; fflush(logfile) } }' \
     <"$fifo" &
   readers[r]=$!
