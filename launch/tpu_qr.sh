@@ -134,18 +134,20 @@ do_setup() {
     copy)
       # The working tree as git sees it: tracked plus untracked files, minus ignored ones.
       local tarball
-      tarball="$(mktemp "${TMPDIR:-/tmp}/jaxclip-src.XXXXXX")"
       if [ "${DRY_RUN:-0}" = 1 ]; then
+        tarball="${TMPDIR:-/tmp}/jaxclip-src.XXXXXX"
         printf '+ %s | %s\n' "$(quote git -C "$REPO_ROOT" ls-files -z -co --exclude-standard)" \
           "$(quote tar --null -T - -czf "$tarball")"
       else
+        tarball="$(mktemp "${TMPDIR:-/tmp}/jaxclip-src.XXXXXX")"
+        # shellcheck disable=SC2064  # (expand now: $tarball is local)
+        trap "rm -f '$tarball'" EXIT
         # (COPYFILE_DISABLE: macOS tar would add ._* metadata files.)
         (cd "$REPO_ROOT" && git ls-files -z -co --exclude-standard |
           COPYFILE_DISABLE=1 tar --null -T - -czf "$tarball")
       fi
       run gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME:jaxclip-src.tgz" "${where[@]}" \
         --worker=all ${ssh_args[@]+"${ssh_args[@]}"}
-      [ "${DRY_RUN:-0}" = 1 ] || rm -f "$tarball"
       fetch="mkdir -p $remote_src && tar -xzf \"\$HOME/jaxclip-src.tgz\" -C $remote_src"
       ;;
     git)
