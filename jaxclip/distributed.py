@@ -7,6 +7,10 @@ always does). A multi-process launch is recognised from its environment:
   SLURM      SLURM_NTASKS > 1 inside a job step: JAX reads the SLURM variables itself
   TPU pod    TPU_WORKER_HOSTNAMES with more than one host: JAX asks the TPU metadata server
   JAX's own  JAX_COORDINATOR_ADDRESS (Kubernetes/JobSet launchers set it)
+  forced     JAXCLIP_DISTRIBUTED=1: initialise and let JAX detect the cluster. A Cloud TPU VM pod
+             slice needs it: its workers learn the slice from the GCE metadata server and have
+             none of the variables above (`launch/tpu_qr.sh` sets it). JAXCLIP_DISTRIBUTED=0
+             never initialises, whatever the environment says.
 On CPU, multi-process runs use gloo collectives. This must run before anything touches devices.
 """
 
@@ -20,7 +24,16 @@ import jax
 _initialized = False
 
 
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def launch_kind(env=os.environ) -> str | None:
+    forced = env.get("JAXCLIP_DISTRIBUTED", "").strip().lower()
+    if forced and forced not in _ON + _OFF:
+        raise ValueError(f"JAXCLIP_DISTRIBUTED={env['JAXCLIP_DISTRIBUTED']!r}: use 1 (initialise "
+                         "jax.distributed, detecting the cluster) or 0 (never initialise)")
+    if forced in _OFF:
+        return None
     if env.get("JAXCLIP_COORDINATOR"):
         return "explicit"
     if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and env.get("SLURM_STEP_ID") is not None:
@@ -30,6 +43,8 @@ def launch_kind(env=os.environ) -> str | None:
         return "tpu"
     if env.get("JAX_COORDINATOR_ADDRESS"):
         return "jax_env"
+    if forced in _ON:
+        return "forced"
     return None
 
 
@@ -53,7 +68,7 @@ def maybe_initialize(env=os.environ) -> bool:
             local_device_ids=[int(i) for i in local.split(",")] if local else None,
         )
     else:
-        jax.distributed.initialize()  # auto-detects SLURM, Cloud TPU, Kubernetes
+        jax.distributed.initialize()  # auto-detects SLURM, Cloud TPU (VM and GKE), Kubernetes
     _initialized = True
     logging.info("distributed (%s): process %d of %d, %d local / %d global devices", kind,
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
