@@ -126,17 +126,33 @@ class Context:
         return np.concatenate(out)[:n] if out else np.zeros((0, 0), np.float32)
 
 
+# Jitted encoders per Model (by identity), so that building Evaluators again for the same model
+# (jaxclip eval over several configs, `evaluate` called in a loop, tests) does not recompile
+# them. An entry holds its model, so an id cannot be reused while its entry exists.
+_ENCODERS: dict[int, tuple[Any, tuple[Callable, Callable]]] = {}
+_MAX_MODELS = 4
+
+
+def _encoders(model) -> tuple[Callable, Callable]:
+    from jaxclip.train import make_encoders
+
+    hit = _ENCODERS.get(id(model))
+    if hit is None or hit[0] is not model:
+        if len(_ENCODERS) >= _MAX_MODELS:
+            _ENCODERS.pop(next(iter(_ENCODERS)))
+        hit = _ENCODERS[id(model)] = (model, make_encoders(model))
+    return hit[1]
+
+
 class Evaluators:
     """Runs the configured evaluators on the trainer's schedule."""
 
     def __init__(self, cfg, model, tokenizer):
-        from jaxclip.train import make_encoders
-
         self.specs = {name: resolve(name, e) for name, e in cfg.evals.items()}
         self._model = model
         self._ctx = None
         if self.specs:
-            enc_img, enc_txt = make_encoders(model)
+            enc_img, enc_txt = _encoders(model)
             self._ctx = Context(cfg, model.mesh, enc_img, enc_txt, tokenizer)
 
     def due(self, step: int, *, final: bool = False, at_start: bool = False) -> list[str]:

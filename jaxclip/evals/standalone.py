@@ -197,9 +197,16 @@ def main(args, overrides: list[str]) -> int:
     from jaxclip import distributed
 
     distributed.maybe_initialize()
+    names = args.only
+    if names:
+        # argparse hands an override containing a space ("--config.evals.val.ks=(1, 5)") to a
+        # preceding `--only NAME ...` as if it were a name; give it back to the overrides.
+        overrides = [*overrides, *(n for n in names if n.startswith("--config."))]
+        overrides = [o.removeprefix("--config.") for o in overrides]
+        names = [n for n in names if not n.startswith("--config.")]
     try:
         step, metrics, path = run(args.workdir, config_spec=args.config, overrides=overrides,
-                                  step=args.step, names=args.only, out=args.out)
+                                  step=args.step, names=names, out=args.out)
     except (config.ConfigError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"jaxclip eval: {e}") from None
     if jax.process_index() == 0:
