@@ -53,7 +53,7 @@ def register(name: str, *, check: Callable | None = None, **defaults):
 
 
 def _plain(value):
-    """ConfigDict/tuple values as plain Python (ml_collections hands back its own containers)."""
+    """A nested ConfigDict value as a plain dict (what the evaluator functions expect)."""
     if hasattr(value, "to_dict"):
         return value.to_dict()
     return value
@@ -74,9 +74,12 @@ def resolve(name: str, ecfg) -> dict:
                          f"valid keys: {sorted(schema)}")
     spec = dict(schema, **ecfg)
     where = f"evals.{name}"
-    if not isinstance(spec["every_steps"], int) or spec["every_steps"] < 0:
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(spec["every_steps"]) or spec["every_steps"] < 0:
         raise ValueError(f"{where}: every_steps must be an int >= 0, got {spec['every_steps']!r}")
-    if not isinstance(spec["batch_size"], int) or spec["batch_size"] <= 0:
+    if not is_int(spec["batch_size"]) or spec["batch_size"] <= 0:
         raise ValueError(f"{where}: batch_size must be a positive int, got {spec['batch_size']!r}")
     for key, default in schema.items():
         if isinstance(default, bool) and not isinstance(spec[key], bool):

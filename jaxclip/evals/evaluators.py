@@ -1,14 +1,32 @@
 """Evaluator types: each loads its data through the data layer and scores embeddings.
 
-retrieval   image<->text Recall@K, mean/median rank over a split of jaxclip records (every
-            caption of a record counts as a positive of its image); optionally also with
-            QB-Norm/DBNorm hubness correction using banks from another split (reported next to the
-            raw numbers as `qbnorm_*` / `dbnorm_*`), embedding-geometry diagnostics (modality gap,
-            alignment, uniformity), k-occurrence skewness, and the Mean Rank Variance when every
-            record has the same number (> 1) of captions.
-zeroshot    zero-shot classification: class names x prompt templates -> a prompt-ensembled
-            classifier (mean of each class's normalised prompt embeddings, renormalised), then
-            top-k accuracy of the split's images against it.
+Every type also takes the common keys: type, every_steps (0: only at the end), at_start,
+batch_size (global, rounded up to the device count). `dataset` is a jaxclip dataset directory or
+a built-in name (default: data.train.dataset); `max_examples` (0: all) takes the split's first N
+records; `query_chunk` bounds the on-device score block (queries x gallery/devices).
+
+retrieval   image<->text R@k (`ks`, default 1/5/10), mean and median rank over `split`; every
+            caption of a record is a positive of its image. Keys `i2t_r1`, `t2i_median_rank`, ...
+    postproc      none | qbnorm | dbnorm: hubness correction (losses.md §13) with banks of the
+                  first `bank_size` records of `bank_split` (default train) of `bank_dataset`
+                  (default: the same dataset), never the evaluated split itself; reported next to
+                  the raw metrics as `qbnorm_i2t_r1`, ... (t2i uses the bank's captions as query
+                  bank and its images as gallery bank; i2t the other way round).
+    beta, k, dynamic       QB-Norm's inverse temperature (20), top-k of the activation set (1),
+                           dynamic=None: the method's default (QB-Norm DIS, DBNorm plain dual IS)
+    beta_q, beta_g         DBNorm's query-bank and gallery-bank inverse temperatures (1/1.99, 3)
+    geometry      adds modality_gap, alignment, uniformity_image/_text, uniformity_loss (§8)
+    skew_k        > 0 adds the skewness of the k-occurrence counts, `t2i_skew10` (hubness)
+    mrv           adds `t2i_mrv`, the Mean Rank Variance (`mrv_reduce` var | std) of each image's
+                  caption ranks, when every record has the same number (> 1) of captions (§11)
+zeroshot    top-k accuracy (`top1`, `top5`) of `split`'s images against a classifier built from
+            `classes` x `templates`: each class's prompt embeddings are normalised, averaged and
+            renormalised. `label` names the record label holding the class index ("class").
+    classes       a named list (imagenet, imagenet_v2, imagenet_sketch, imagenet_a/_r/_o, cifar10,
+                  cifar100, fashion_mnist; see prompts.py), an explicit list, or "" for the
+                  dataset manifest's info.class_names
+    templates     openai80 | openai7 | openai8 | cifar | fashion_mnist, or an explicit list of
+                  strings with a "{}" (or "{c}") placeholder
 
 Data. A split is read once per run (`load_eval_set`, cached on the context): captions and labels
 are kept; decoded images are kept too unless they would exceed `IMAGE_CACHE_BYTES`, in which case
@@ -172,7 +190,12 @@ def text_embeddings(ctx, params, data: EvalSet, batch_size: int) -> np.ndarray:
 
 
 def _dataset(ctx, spec) -> str:
-    return spec["dataset"] or ctx.cfg.data.train.dataset
+    """The evaluator's dataset, defaulting to the training dataset."""
+    name = spec["dataset"] or ctx.cfg.data.train.dataset
+    if not name:
+        raise ValueError(f"evals.{spec['name']}: no dataset; set evals.{spec['name']}.dataset "
+                         "(a dataset directory or a built-in name)")
+    return name
 
 
 def _check_ks(where: str, ks) -> None:
