@@ -93,7 +93,7 @@ def test_zeroshot_matches_numpy_reference(fashion_dir, model_and_params):
     ev = runner(m, cfg)
     placed = jax.device_put(params, m.param_shardings)
     got = ev.evaluate(placed)
-    ctx = ev._ctx
+    ctx = ev.context
     data = evaluators.load_eval_set(ctx, fashion_dir, "test")
     img = ctx.embed(ctx.encode_image, placed, data.images, 256)
     # The reference classifier comes from the source's own captions (prompts(c)), not from the
@@ -124,7 +124,7 @@ def test_streamed_images_equal_cached(fashion_dir, model_and_params, monkeypatch
     ev = runner(m, tiny_cfg(z=spec))
     placed = jax.device_put(params, m.param_shardings)
     streamed = ev.evaluate(placed)
-    data = evaluators.load_eval_set(ev._ctx, fashion_dir, "test", 50)
+    data = evaluators.load_eval_set(ev.context, fashion_dir, "test", 50)
     assert data.images is None and data.n == 50
     chunks = list(data.image_chunks(16))
     assert [len(c) for c in chunks] == [16, 16, 16, 2]
@@ -140,7 +140,7 @@ def test_classifier_and_embeddings_cached_within_one_call(model_and_params):
                                                         split="val", max_examples=64))
     ev = runner(m, cfg)
     calls = {"text": 0, "image": 0}
-    enc_txt, enc_img = ev._ctx.encode_text, ev._ctx.encode_image
+    enc_txt, enc_img = ev.context.encode_text, ev.context.encode_image
 
     def count(kind, fn):
         def wrapped(*args):
@@ -148,14 +148,14 @@ def test_classifier_and_embeddings_cached_within_one_call(model_and_params):
             return fn(*args)
         return wrapped
 
-    ev._ctx.encode_text, ev._ctx.encode_image = count("text", enc_txt), count("image", enc_img)
+    ev.context.encode_text, ev.context.encode_image = count("text", enc_txt), count("image", enc_img)
     placed = jax.device_put(params, m.param_shardings)
     out = ev.evaluate(placed)
     # One batch of 8 prompts for both zero-shot evaluators, one of 64 captions for retrieval;
     # one batch of the 64 images shared by all three.
     assert calls == {"text": 2, "image": 1}
     assert out["eval/a/top1"] == out["eval/b/top1"]
-    assert ev._ctx.call_cache == {}  # embeddings do not outlive the call (params change)
+    assert ev.context.call_cache == {}  # embeddings do not outlive the call (params change)
     ev.evaluate(placed, ["a"])
     assert calls == {"text": 3, "image": 2}
     # Zero-shot on the relation label: chance is 1/4 for an untrained model, top-4 is everything.
@@ -173,7 +173,7 @@ def test_retrieval_options_match_the_numerical_core(model_and_params):
     ev = runner(m, cfg)
     placed = jax.device_put(params, m.param_shardings)
     got = ev.evaluate(placed)
-    ctx = ev._ctx
+    ctx = ev.context
     data = evaluators.load_eval_set(ctx, "shapes_small", "val", 96)
     bank = evaluators.load_eval_set(ctx, "shapes_small", "train", 160)
     emb = lambda d: (ctx.embed(ctx.encode_image, placed, d.images, 256),
@@ -217,8 +217,8 @@ def test_mrv_over_multiple_captions(fashion_dir, model_and_params):
     got = evaluate(cfg, params, model=m)
     ev = runner(m, cfg)
     placed = jax.device_put(params, m.param_shardings)
-    data = evaluators.load_eval_set(ev._ctx, fashion_dir, "test", 40)
-    ctx = ev._ctx
+    data = evaluators.load_eval_set(ev.context, fashion_dir, "test", 40)
+    ctx = ev.context
     img = ctx.embed(ctx.encode_image, placed, data.images, 256)
     txt = ctx.embed(ctx.encode_text, placed, evaluators.tokens_of(ctx, data), 256)
     assert txt.shape[0] == 200  # 5 captions per record, record-major

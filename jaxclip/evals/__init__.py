@@ -158,6 +158,11 @@ class Evaluators:
             enc_img, enc_txt = _encoders(model)
             self._ctx = Context(cfg, model.mesh, enc_img, enc_txt, tokenizer)
 
+    @property
+    def context(self) -> Context | None:
+        """The shared evaluation context (None when no evaluator is configured)."""
+        return self._ctx
+
     def due(self, step: int, *, final: bool = False, at_start: bool = False) -> list[str]:
         names = []
         for name, spec in self.specs.items():
