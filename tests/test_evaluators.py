@@ -254,13 +254,19 @@ def test_schedule_at_start_every_and_final():
     (dict(type="retrieval", postproc="qb"), r"postproc must be one of"),
     (dict(type="retrieval", mrv_reduce="mean"), r"mrv_reduce"),
     (dict(type="retrieval", beta=0), r"beta must be a positive number"),
-    (dict(type="retrieval", geometry="yes"), r"geometry must be true or false"),
+    (dict(type="retrieval", geometry="maybe"), r"geometry must be true or false"),
     (dict(type="retrieval", max_examples=-1), r"max_examples"),
     (dict(type="retrival"), r"unknown type 'retrival'"),
 ])
 def test_config_errors_name_the_evaluator_and_key(spec, message):
     with pytest.raises(ValueError, match=message):
         resolve("x", spec)
+
+
+def test_boolean_words_from_the_command_line():
+    # Overrides of keys the config file did not set reach the evaluator as strings.
+    spec = resolve("x", dict(type="retrieval", geometry="true", mrv="False", at_start="yes"))
+    assert (spec["geometry"], spec["mrv"], spec["at_start"]) == (True, False, True)
 
 
 def test_data_dependent_errors(fashion_dir, model_and_params):

@@ -34,6 +34,8 @@ from jaxclip import sharding
 
 _TYPES: dict[str, tuple[Callable, dict, Callable | None]] = {}
 
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
 # Keys every evaluator accepts, with defaults.
 COMMON = dict(type="", every_steps=0, at_start=False, batch_size=256)
 
@@ -83,7 +85,12 @@ def resolve(name: str, ecfg) -> dict:
         raise ValueError(f"{where}: batch_size must be a positive int, got {spec['batch_size']!r}")
     for key, default in schema.items():
         if isinstance(default, bool) and not isinstance(spec[key], bool):
-            raise ValueError(f"{where}: {key} must be true or false, got {spec[key]!r}")
+            # `--config.evals.val.geometry=true` for a key the config file did not set arrives
+            # as the string "true" (the config layer has no type for it); the schema does.
+            word = str(spec[key]).lower()
+            if word not in _BOOL_WORDS:
+                raise ValueError(f"{where}: {key} must be true or false, got {spec[key]!r}")
+            spec[key] = _BOOL_WORDS[word]
     if check is not None:
         check(where, spec)
     spec["name"] = name  # for error messages inside the evaluator
