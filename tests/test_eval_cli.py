@@ -1,9 +1,11 @@
 """`jaxclip eval` on a short training run's workdir, the evaluator schedule during training, and
 tools/plot_metrics.py on the same workdir."""
 
+import fcntl
 import importlib.util
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -35,11 +37,15 @@ def get_config():
 '''
 
 
+def shared_base(tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    # Under xdist every worker has its own basetemp; their parent is shared by the session.
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="module")
 def cache_root(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # shared by workers
-    return str(root / "jaxclip-cache")
+    return str(shared_base(tmp_path_factory) / "jaxclip-cache")
 
 
 @pytest.fixture(autouse=True)
@@ -49,14 +55,24 @@ def cache(cache_root, monkeypatch):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, cache_root):
-    """A 4-step training run: checkpoints at 2 and 4, evals at 0 (val), 2 (val), 4 (both)."""
-    tmp = tmp_path_factory.mktemp("evalcli")
-    config_path = tmp / "tiny.py"
-    config_path.write_text(CONFIG)
-    workdir = str(tmp / "run")
-    with pytest.MonkeyPatch.context() as mp:  # module scope: the autouse fixture is per test
-        mp.setenv("JAXCLIP_CACHE", cache_root)
-        assert cli.main(["train", "--config", str(config_path), "--workdir", workdir]) == 0
+    """A 4-step training run: checkpoints at 2 and 4, evals at 0 (val), 2 (val), 4 (both).
+
+    xdist spreads this module's tests over workers, each of which would build the fixture; a file
+    lock lets the first one train and the others reuse its run.
+    """
+    root = shared_base(tmp_path_factory) / "evalcli"
+    root.mkdir(exist_ok=True)
+    config_path, workdir = root / "tiny.py", str(root / "run")
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "done").exists():
+            shutil.rmtree(workdir, ignore_errors=True)  # a failed attempt starts over
+            config_path.write_text(CONFIG)
+            with pytest.MonkeyPatch.context() as mp:  # module scope: `cache` is per test
+                mp.setenv("JAXCLIP_CACHE", cache_root)
+                assert cli.main(["train", "--config", str(config_path),
+                                 "--workdir", workdir]) == 0
+            (root / "done").write_text("trained\n")
     return str(config_path), workdir
 
 
