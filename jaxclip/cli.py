@@ -2,6 +2,7 @@
 
     jaxclip train --config configs/demo.py --workdir runs/demo [--config.train.steps=200 ...]
     jaxclip data build --source folder --input captions.csv --images-root imgs/ --out DIR
+    jaxclip eval --workdir runs/demo [--config configs/demo.py] [--step 300] [--only val]
 
 Config overrides are `--config.<dotted key>=<value>` (or `--config.<key> <value>`); a key that is
 not in the schema or a value of the wrong type is an error naming the key.
@@ -63,6 +64,12 @@ def cmd_train(args, extra) -> int:
     return 0
 
 
+def cmd_eval(args, extra) -> int:
+    from jaxclip.evals import standalone
+
+    return standalone.main(args, _split_overrides(extra))
+
+
 def cmd_data_build(args, extra) -> int:
     if extra:
         raise SystemExit(f"jaxclip data build: unrecognised arguments {extra}")
@@ -89,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint and exit at this step (the schedule still spans "
                         "train.steps; run again to continue)")
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("eval", help="evaluate a checkpoint with the configured evaluators "
+                                    "(no training); prints a table, writes JSON")
+    p.add_argument("--workdir", required=True, help="the run's directory (checkpoints/)")
+    p.add_argument("--config", default=None,
+                   help="config file (default: the run's WORKDIR/config.json)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                   help="run only these evaluators (default: all in config.evals)")
+    p.add_argument("--out", default=None, help="JSON path (default: WORKDIR/eval_STEP.json)")
+    p.set_defaults(fn=cmd_eval)
     return parser
 
 

@@ -1,0 +1,216 @@
+"""`jaxclip eval`: run the configured evaluators on a saved checkpoint, without training.
+
+    jaxclip eval --workdir runs/demo                       # latest checkpoint, the run's config
+    jaxclip eval --workdir runs/demo --step 300 --only val
+    jaxclip eval --workdir runs/fm --config configs/fashion_mnist.py \
+        --config.evals.test.max_examples=1000
+
+The config is WORKDIR/config.json (what the run resolved and trained with) unless --config is
+given; `--config.<key>=<value>` overrides apply on top either way, so evaluators can be added or
+changed for an old run. Only the parameters are restored (not the optimizer state), onto the mesh
+of the current devices, whatever mesh wrote them. Metrics are printed as a table and written to
+WORKDIR/eval_<step>.json (or --out).
+
+`restore_params` + `jaxclip.evals.evaluate` are the two calls for any other entry point (imported
+weights only need the second).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+
+from jaxclip import config, tree
+
+# Orbax notes that are expected here and would only alarm: it logs the first at ERROR level
+# whenever a checkpoint is restored onto other devices than it was written from, even though
+# target shardings are given (the supported way to do that); the others say that a read-only
+# manager (what evaluation asks for) does not save.
+_EXPECTED_NOTES = (
+    "The available devices are different from the devices used to save the checkpoint",
+    "CheckpointManagerOptions.read_only=True",
+    "Given directory is read only",
+)
+
+
+class _DropExpectedNotes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(_EXPECTED_NOTES)
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    loggers = [logging.getLogger(), logging.getLogger("absl")]
+    note = _DropExpectedNotes()
+    for lg in loggers:
+        lg.addFilter(note)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(note)
+
+
+def load_config(workdir: str, spec: str | None, overrides: list[str]) -> config.ConfigDict:
+    """The experiment config: the file `spec`, else WORKDIR/config.json; then the overrides."""
+    if spec:
+        return config.load(spec, overrides)
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist; pass --config (is {workdir!r} a jaxclip "
+                                "workdir?)")
+    with open(path) as f:
+        cfg = config.from_dict(json.load(f))
+    for item in overrides:
+        config.apply_override(cfg, item)
+    config.validate(cfg)
+    return cfg
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
+def _manager(workdir: str):
+    import orbax.checkpoint as ocp
+
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints in {workdir!r} ({directory} does not exist)")
+    # read_only: evaluation must never create, prune or clean up anything in a run's directory
+    # (a training job may be writing its next checkpoint there right now).
+    with _quiet_orbax():
+        return ocp.CheckpointManager(
+            directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    manager = _manager(workdir)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
+def restore_params(model, workdir: str, step: int | None = None) -> tuple[dict, int]:
+    """(full parameter tree, step) of a checkpoint in WORKDIR (default: the latest).
+
+    Restores only the `params` and `frozen` parts of the saved TrainState (jaxclip.checkpoint's
+    "state" item), placed with `model`'s parameter shardings on the current devices; the optimizer
+    state is not read, so its config need not match and it costs no memory.
+    """
+    import orbax.checkpoint as ocp
+
+    manager = _manager(workdir)
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"no finished checkpoint in {checkpoint_dir(workdir)}")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; "
+                                    f"steps: {steps}")
+        state = model.abstract_state
+        target = {"params": state.params, "frozen": state.frozen}
+        args = ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)
+        try:
+            with _quiet_orbax():
+                restored = manager.restore(step, args=ocp.args.Composite(state=args)).state
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot restore step {step} of {workdir!r} into the configured "
+                             f"model (does the config's model section match the run's?): "
+                             f"{type(e).__name__}: {e}") from e
+    finally:
+        manager.close()
+    return tree.merge(restored["params"], restored["frozen"]), step
+
+
+def _fmt(value: Any) -> str:
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return str(value)
+    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """Metrics grouped by evaluator (sorted by name), each a header line with its time and then
+    one row per metric in the evaluator's own order (R@1, R@5, R@10, ...)."""
+    groups: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        _, name, metric = key.split("/", 2)
+        groups.setdefault(name, {})[metric] = value
+    lines = []
+    for name in sorted(groups):
+        rows = dict(groups[name])
+        seconds = rows.pop("seconds", None)
+        lines.append(f"{name}" + (f"  ({seconds:.1f} s)" if seconds is not None else ""))
+        width = max((len(k) for k in rows), default=0)
+        lines += [f"  {k:<{width}}  {_fmt(v):>10}" for k, v in rows.items()]
+    return "\n".join(lines)
+
+
+def run(workdir: str, *, config_spec: str | None = None, overrides: list[str] = (),
+        step: int | None = None, names: list[str] | None = None,
+        out: str | None = None) -> tuple[int, dict[str, float], str | None]:
+    """Evaluates a checkpoint; returns (step, metrics, path of the JSON written or None)."""
+    from jaxclip import train
+    from jaxclip.evals import evaluate
+
+    cfg = load_config(workdir, config_spec, list(overrides))
+    if not cfg.evals:
+        raise ValueError("the config has no evaluators; add some with "
+                         "--config.evals.NAME=\"{'type': 'retrieval', 'split': 'val'}\"")
+    model = train.build(cfg)
+    t0 = time.perf_counter()
+    params, step = restore_params(model, workdir, step)
+    restore_s = time.perf_counter() - t0
+    logging.info("restored step %d of %s in %.1fs", step, workdir, restore_s)
+    metrics = evaluate(cfg, params, names, model=model, step=step)
+    path = None
+    if jax.process_index() == 0:
+        path = out or os.path.join(workdir, f"eval_{step}.json")
+        report = {"step": step, "workdir": os.path.abspath(workdir),
+                  "config": config_spec or os.path.join(os.path.abspath(workdir), "config.json"),
+                  "overrides": list(overrides), "devices": jax.device_count(),
+                  "restore_s": restore_s, "metrics": metrics,
+                  "evals": {k: v.to_dict() if hasattr(v, "to_dict") else dict(v)
+                            for k, v in cfg.evals.items() if names is None or k in names}}
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    return step, metrics, path
+
+
+def main(args, overrides: list[str]) -> int:
+    """The `jaxclip eval` command (args from cli.py's parser)."""
+    from jaxclip import distributed
+
+    distributed.maybe_initialize()
+    names = args.only
+    if names:
+        # argparse hands an override containing a space ("--config.evals.val.ks=(1, 5)") to a
+        # preceding `--only NAME ...` as if it were a name; give it back to the overrides.
+        overrides = [*overrides, *(n for n in names if n.startswith("--config."))]
+        overrides = [o.removeprefix("--config.") for o in overrides]
+        names = [n for n in names if not n.startswith("--config.")]
+    try:
+        step, metrics, path = run(args.workdir, config_spec=args.config, overrides=overrides,
+                                  step=args.step, names=names, out=args.out)
+    except (config.ConfigError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"jaxclip eval: {e}") from None
+    if jax.process_index() == 0:
+        print(f"\nevaluation of {args.workdir} at step {step}:")
+        print(format_table(metrics))
+        print(f"\nwrote {path}")
+    return 0
