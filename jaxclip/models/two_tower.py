@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxclip.models.bert import BertTower
+from jaxclip.models.heads import Head
 from jaxclip.models.image import ImageTower
 from jaxclip.models.text import TextTower
 
@@ -43,7 +45,15 @@ class TwoTower(nnx.Module):
         """cfg: the `model` section of a jaxclip config. Random parameters are left at zero
         here and drawn by `jaxclip.models.init_params` (see `build_model`)."""
         self.image = ImageTower(cfg.image, cfg.embed_dim)
-        self.text = TextTower(cfg.text, cfg.embed_dim)
+        text_tower = BertTower if cfg.text.kind == "bert" else TextTower
+        self.text = text_tower(cfg.text, cfg.embed_dim)
+        # Heads live outside the towers' subtrees, so a locked tower's head still trains.
+        self.image_head = (Head(cfg.image.head, cfg.image.width, cfg.embed_dim,
+                                ln_eps=cfg.image.ln_eps, text=False)
+                           if cfg.image.head != "none" else None)
+        self.text_head = (Head(cfg.text.head, cfg.text.width, cfg.embed_dim,
+                               ln_eps=cfg.text.ln_eps, text=True)
+                          if cfg.text.head != "none" else None)
         self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32), axes=(),
                                      init=("value",))
         self.logit_bias = (nnx.Param(jnp.asarray(cfg.logit_bias_init, jnp.float32), axes=(),
@@ -54,16 +64,25 @@ class TwoTower(nnx.Module):
         self.locked = (cfg.image.locked, cfg.text.locked)
 
     def encode_image(self, images: jax.Array, *, return_tokens: bool = False):
-        emb, tokens = self.image(images, dtype=self.dtype, return_tokens=return_tokens, **self.run)
+        head = self.image_head
+        want = return_tokens or (head is not None and head.kind == "patch_mlp")
+        emb, tokens = self.image(images, dtype=self.dtype, return_tokens=want, **self.run)
         if self.locked[0]:
             emb, tokens = jax.lax.stop_gradient((emb, tokens))
+        if head is not None:
+            emb, tokens = head(emb, tokens)
+        tokens = tokens if return_tokens else None
         return l2_normalize(emb), None if tokens is None else l2_normalize(tokens)
 
     def encode_text(self, text: jax.Array, *, return_tokens: bool = False):
-        emb, tokens, mask = self.text(text, dtype=self.dtype, return_tokens=return_tokens,
-                                      **self.run)
+        head = self.text_head
+        want = return_tokens or (head is not None and head.kind == "patch_mlp")
+        emb, tokens, mask = self.text(text, dtype=self.dtype, return_tokens=want, **self.run)
         if self.locked[1]:
             emb, tokens = jax.lax.stop_gradient((emb, tokens))
+        if head is not None:
+            emb, tokens = head(emb, tokens, mask)
+        tokens = tokens if return_tokens else None
         return l2_normalize(emb), None if tokens is None else l2_normalize(tokens), mask
 
     def __call__(self, images: jax.Array, text: jax.Array, *, return_tokens: bool = False):
