@@ -327,6 +327,12 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
     else:
         start = 0
         state = init_state(m)
+        if cfg.init.path:  # pretrained weights for a fresh run (jaxclip/interop/init.py)
+            from jaxclip.interop import init as pretrained
+
+            state = pretrained.apply(m, state)
+            logging.info("initialised %s from %s", cfg.init.select or "all parameters",
+                         cfg.init.path)
     restore_time = time.perf_counter() - t0
 
     step_fn = make_train_step(m)
