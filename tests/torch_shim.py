@@ -32,7 +32,7 @@ def _import_torchvision() -> None:
     if importlib.util.find_spec("torchvision") is None:
         return  # transformers works without it; open_clip will then report it missing
     try:
-        import torchvision  # noqa: F401
+        import torchvision
         return
     except RuntimeError as e:
         if "torchvision::nms" not in str(e):

@@ -212,4 +212,4 @@ def export_tensors(rules: Sequence[Rule], get: Callable[[str, int | None], np.nd
         for i in rule.layers():
             results = rule.to_src(*[get(p, i) for p in rule.dst])
             for name, array in zip(rule.names(i), results, strict=True):
-                yield name, np.ascontiguousarray(array)
+                yield name, np.asarray(array, order="C")

@@ -115,7 +115,7 @@ def write(path: str | os.PathLike, specs: Iterable[tuple[str, tuple[int, ...], o
                 if array.shape != shape or array.dtype != dt:
                     raise ValueError(f"tensor {name!r} is {array.shape} {array.dtype}, "
                                      f"declared {shape} {dt}")
-                f.write(np.ascontiguousarray(array).tobytes())
+                f.write(np.asarray(array, order="C").tobytes())
             if next(it, None) is not None:
                 raise ValueError("tensor stream has more tensors than declared")
         os.replace(tmp, path)
