@@ -15,6 +15,8 @@ chunks (`batch_size`, the last one padded), so a corpus of any size compiles onc
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable, Sequence
 
 import jax
@@ -25,15 +27,31 @@ from jaxclip import config, tree
 from jaxclip.interop import sources
 
 
+@functools.lru_cache(maxsize=8)
+def _encoders(model_json: str) -> tuple[Callable, Callable]:
+    """Jitted (params, pixels) and (params, tokens) encoders for one model config, shared by
+    every Encoder of that architecture, so loading another checkpoint does not recompile."""
+    from flax import nnx
+
+    from jaxclip.models import TwoTower
+
+    model_cfg = config.from_dict({"model": json.loads(model_json)}).model
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: TwoTower(model_cfg)))
+
+    def image(params, pixels):
+        return nnx.merge(graphdef, params).encode_image(pixels)[0]
+
+    def text(params, tokens):
+        return nnx.merge(graphdef, params).encode_text(tokens)[0]
+
+    return jax.jit(image), jax.jit(text)
+
+
 class Encoder:
     """A loaded model: parameters on the default device, jitted encoders, preprocessing."""
 
     def __init__(self, cfg: config.ConfigDict, params: dict[str, np.ndarray], *, source: str = "",
                  dtype: str | None = None):
-        from flax import nnx
-
-        from jaxclip.models import TwoTower
-
         cfg = config.from_dict(cfg.to_dict())
         if dtype is not None:
             cfg.model.dtype = dtype
@@ -43,16 +61,14 @@ class Encoder:
         sources.check_params(params, cfg.model, what=source or "checkpoint")
         self.config = cfg
         self.source = source
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: TwoTower(cfg.model)))
         self._params = jax.device_put(tree.unflatten({p: np.asarray(v) for p, v in params.items()}))
-
-        def image(params, pixels):
-            return nnx.merge(graphdef, params).encode_image(pixels)[0]
-
-        def text(params, tokens):
-            return nnx.merge(graphdef, params).encode_text(tokens)[0]
-
-        self._image, self._text = jax.jit(image), jax.jit(text)
+        # Initial values and lock flags do not change the forward pass: leave them out of
+        # the key, so checkpoints of one architecture share compiled encoders.
+        key = cfg.model.to_dict()
+        key.update(logit_scale_init=0.0, logit_bias_init=None if key["logit_bias_init"] is None
+                   else 0.0)
+        key["image"]["locked"] = key["text"]["locked"] = False
+        self._image, self._text = _encoders(json.dumps(key, sort_keys=True))
         self._tokenizer = None
 
     @property

@@ -9,7 +9,9 @@ every problem is listed in one error:
   unknown     selected checkpoint parameters the run's model does not have;
   missing     parameters of the run's model that the regex selects but the checkpoint lacks
               (narrow the regex rather than silently keeping random values);
-  mis-shaped  a parameter whose shape differs between checkpoint and model;
+  mis-shaped  a parameter whose shape differs between checkpoint and model (except a text
+              position table longer than the run's context_length, which is truncated: the
+              positions beyond it are never read, e.g. BERT's 512 for 32-token captions);
   architecture  a selected tower whose activation, LayerNorm eps, kind, masking or pooling
               differ between the run's config and the checkpoint's (same shapes, wrong maths).
 The optimizer state needs no change: Adam's moments start at zero whatever the parameters.
@@ -18,6 +20,7 @@ The optimizer state needs no change: Adam's moments start at zero whatever the p
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 
 import jax
@@ -51,6 +54,12 @@ def load_selected(cfg) -> dict[str, np.ndarray]:
     path, pattern = cfg.init.path, cfg.init.select
     pre = sources.read(path)
     chosen = sources.select(pre.params, pattern)
+    ctx, table = cfg.model.text.context_length, chosen.get("text/pos_embed")
+    if table is not None and table.shape[0] > ctx:
+        # A run that tokenizes to fewer positions never reads the rest (BERT: 512 -> 32).
+        logging.info("init: text/pos_embed %s truncated to the run's %d positions",
+                     table.shape, ctx)
+        chosen["text/pos_embed"] = table[:ctx]
     if not chosen:
         raise ValueError(f"init.select={pattern!r} matches none of the {len(pre.params)} "
                          f"parameters of init.path={path!r} (e.g. {sorted(pre.params)[:3]})")
