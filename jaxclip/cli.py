@@ -75,7 +75,10 @@ def cmd_export(args, extra) -> int:
     from jaxclip.interop import export
 
     distributed.maybe_initialize()  # every host restores its shards and joins the gathers
-    export.export(args.workdir, args.out, args.format, step=args.step)
+    try:
+        export.export(args.workdir, args.out, args.format, step=args.step)
+    except (ValueError, FileNotFoundError) as e:  # unexportable model, bad tensors, no dir
+        raise SystemExit(f"jaxclip export: {e}") from None
     print(f"wrote {args.format} checkpoint to {args.out}")
     return 0
 
@@ -85,8 +88,11 @@ def cmd_convert(args, extra) -> int:
         raise SystemExit(f"jaxclip convert: unrecognised arguments {extra}")
     from jaxclip.interop import sources
 
-    pre = sources.convert(args.src, args.out, source_format=args.source_format,
-                          context_length=args.context_length)
+    try:
+        pre = sources.convert(args.src, args.out, source_format=args.source_format,
+                              context_length=args.context_length)
+    except (ValueError, FileNotFoundError) as e:  # unknown/missing/mis-shaped tensors, ...
+        raise SystemExit(f"jaxclip convert: {e}") from None
     print(f"wrote {len(pre.params)} parameters ({pre.kind}) and config.json to {args.out}")
     return 0
 

@@ -7,6 +7,11 @@ only computed when asked for.
 `logit_scale` is stored in log space (init ln(1/0.07); SigLIP ln 10) and `logit_bias` exists only
 when `model.logit_bias_init` is set. With `loss.scale_param = "temperature"` (ALIGN) the same
 parameter holds the temperature itself; the loss, not the model, interprets it.
+
+The text tower is the CLIP transformer (text.py) or a BERT encoder (bert.py, `text.kind`). A tower
+with `head != "none"` returns unprojected features and a separate head (heads.py, `image_head` /
+`text_head`) projects them; a locked tower is cut off by stop_gradient before its head, so no
+backward pass is built through it while the head trains.
 """
 
 from __future__ import annotations
