@@ -147,6 +147,14 @@ def test_jaxclip_exports_to_open_clip_with_parity(exported, inputs):
                                      normalize=True).numpy()
         txt = oc.encode_text(torch.from_numpy(tokens), normalize=True).numpy()
     logits = oc.logit_scale.exp().item() * img @ txt.T
+    # The other loading route: the model config registered by name, the weights as `pretrained`.
+    with open(root / "open_clip" / "open_clip_config.json") as f:
+        (root / "jaxclip-tiny.json").write_text(json.dumps(json.load(f)["model_cfg"]))
+    open_clip.add_model_config(root / "jaxclip-tiny.json")
+    named = open_clip.create_model(
+        "jaxclip-tiny", pretrained=str(root / "open_clip" / "open_clip_model.safetensors"))
+    for (k, a), b in zip(oc.state_dict().items(), named.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
     _report("jaxclip -> open_clip",
             **_diffs((img, txt, logits), _jax_outputs(model, pixels, tokens)))
 
