@@ -234,7 +234,8 @@ def test_init_loads_the_selected_parameters_and_checks_them(model, src, tmp_path
     run = config.from_dict(cfg.to_dict())
     run.init.update(path=src, select="^text/")
     run.model.text.locked = True
-    m = train.build(run, sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)))
+    m = train.build(run, sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1),
+                                            devices=jax.devices()[:1]))
     fresh = train.init_state(m)
     state = init.apply(m, fresh)
     got = tree.flatten(jax.device_get(tree.merge(state.params, state.frozen)))
