@@ -50,7 +50,7 @@ def _import_torchvision() -> None:
 def require(*packages: str):
     """Imports torch first (with the torchvision fix), then `packages`; skips the calling module
     with the reason when one is missing. Returns the imported modules."""
-    missing = [p for p in ("torch", *packages) if importlib.util.find_spec(p) is None]
+    missing = [p for p in dict.fromkeys(("torch", *packages)) if importlib.util.find_spec(p) is None]
     if missing:
         pytest.skip(PARITY_ENV.format(", ".join(missing) + " not installed"),
                     allow_module_level=True)
