@@ -205,3 +205,47 @@ def test_lit_minilm_config_trains_with_the_locked_pretrained_text_tower(tmp_path
     for path, value in tree.flatten(jax.device_get(params)).items():
         if path.startswith("text/"):  # the locked tower is MiniLM's, bit for bit
             np.testing.assert_array_equal(value, minilm[path][: value.shape[0]], err_msg=path)
+
+
+def test_projection_heads_follow_their_formulas():
+    from flax import nnx
+
+    from jaxclip.models import init_params
+    from jaxclip.models.heads import Head
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    tokens = rng.standard_normal((3, 5, 8)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], bool)
+
+    def ln(h):
+        return (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5)
+
+    def gelu(h):
+        return 0.5 * h * (1 + erf(h / math.sqrt(2)))
+
+    def built(kind, text):
+        head = Head(kind, 8, 4, ln_eps=1e-5, text=text)
+        nnx.update(head, init_params(head, seed=1))
+        return head, tree.flatten(jax.device_get(nnx.to_pure_dict(nnx.state(head))))
+
+    head, p = built("mlp", text=False)
+    proj = x @ p["mlp/proj/kernel"] + p["mlp/proj/bias"]
+    expected = ln(proj + gelu(proj) @ p["mlp/fc/kernel"] + p["mlp/fc/bias"])
+    np.testing.assert_allclose(head(x, None)[0], expected, atol=1e-5)
+
+    head, p = built("patch_mlp", text=False)
+
+    def per_token(h):
+        y = ln(h)
+        return (y @ p["tokens/linear/kernel"] + p["tokens/linear/bias"] +
+                gelu(y @ p["tokens/fc1/kernel"] + p["tokens/fc1/bias"]) @ p["tokens/fc2/kernel"]
+                + p["tokens/fc2/bias"])
+
+    pooled, out_tokens = head(x, tokens)
+    np.testing.assert_allclose(pooled, per_token(x) + per_token(tokens).mean(1), atol=1e-5)
+    np.testing.assert_allclose(out_tokens, per_token(tokens), atol=1e-5)
+    # Text: masked mean of the per-token projection; padding tokens do not matter.
+    head, _ = built("patch_mlp", text=True)
+    changed = np.where(mask[..., None], tokens, np.float32(100))
+    np.testing.assert_allclose(head(x, tokens, mask)[0], head(x, changed, mask)[0], atol=1e-5)
