@@ -83,6 +83,7 @@ def test_hf_clipmodel_imports_with_parity(tmp_path, inputs, act):
         vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                            num_attention_heads=4, image_size=32, patch_size=8, hidden_act=act),
         projection_dim=32)
+    torch.manual_seed(0)  # PyTorch's own initialisation, before the perturbation
     model = _perturb(transformers.CLIPModel(hf_cfg), seed=1)
     assert sum(p.numel() for p in model.parameters()) == 3_382_017  # interop.md §2.3
     model.save_pretrained(tmp_path)
@@ -165,6 +166,7 @@ def test_open_clip_imports_with_parity(tmp_path, inputs, quick_gelu):
                      vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2,
                                      head_width=16),
                      text_cfg=dict(context_length=32, width=64, heads=4, layers=2))
+    torch.manual_seed(0)
     oc = _perturb(open_clip.model.CLIP(**model_cfg), seed=2)
     from safetensors.torch import save_file
 
