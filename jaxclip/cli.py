@@ -3,6 +3,8 @@
     jaxclip train --config configs/demo.py --workdir runs/demo [--config.train.steps=200 ...]
     jaxclip data build --source folder --input captions.csv --images-root imgs/ --out DIR
     jaxclip eval --workdir runs/demo [--config configs/demo.py] [--step 300] [--only val]
+    jaxclip export --workdir runs/demo [--step N] --format hf|open_clip --out DIR
+    jaxclip convert --from hf|open_clip SRC --out DIR [--context-length N]
 
 Config overrides are `--config.<dotted key>=<value>` (or `--config.<key> <value>`); a key that is
 not in the schema or a value of the wrong type is an error naming the key.
@@ -78,6 +80,53 @@ def cmd_data_build(args, extra) -> int:
     return build.run(args)
 
 
+def cmd_export(args, extra) -> int:
+    if extra:
+        raise SystemExit(f"jaxclip export: unrecognised arguments {extra}")
+    from jaxclip import distributed
+    from jaxclip.interop import export
+
+    distributed.maybe_initialize()  # every host restores its shards and joins the gathers
+    try:
+        export.export(args.workdir, args.out, args.format, step=args.step)
+    except (ValueError, FileNotFoundError) as e:  # unexportable model, bad tensors, no dir
+        raise SystemExit(f"jaxclip export: {e}") from None
+    print(f"wrote {args.format} checkpoint to {args.out}")
+    return 0
+
+
+def cmd_convert(args, extra) -> int:
+    if extra:
+        raise SystemExit(f"jaxclip convert: unrecognised arguments {extra}")
+    from jaxclip.interop import sources
+
+    try:
+        pre = sources.convert(args.src, args.out, source_format=args.source_format,
+                              context_length=args.context_length)
+    except (ValueError, FileNotFoundError) as e:  # unknown/missing/mis-shaped tensors, ...
+        raise SystemExit(f"jaxclip convert: {e}") from None
+    print(f"wrote {len(pre.params)} parameters ({pre.kind}) and config.json to {args.out}")
+    return 0
+
+
+def _add_interop_parsers(sub) -> None:
+    p = sub.add_parser("export", help="write a workdir's checkpoint as a HF CLIPModel or "
+                                      "open_clip directory")
+    p.add_argument("--workdir", required=True, help="training workdir (or a converted dir)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("--format", required=True, choices=("hf", "open_clip"))
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("convert", help="import a HF (CLIPModel, BertModel) or open_clip "
+                                       "checkpoint as a jaxclip params directory")
+    p.add_argument("--from", dest="source_format", required=True, choices=("hf", "open_clip"))
+    p.add_argument("src", help="the HF or open_clip directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="keep only this many text positions (e.g. 32 of BERT's 512)")
+    p.set_defaults(fn=cmd_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxclip", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only these evaluators (default: all in config.evals)")
     p.add_argument("--out", default=None, help="JSON path (default: WORKDIR/eval_STEP.json)")
     p.set_defaults(fn=cmd_eval)
+    _add_interop_parsers(sub)
     return parser
 
 

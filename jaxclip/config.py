@@ -64,6 +64,11 @@ def defaults() -> ConfigDict:
             act="gelu",  # gelu | quick_gelu
             ln_eps=1e-5,
             locked=False,  # no gradients, no optimizer state (LiT)
+            # Projection to embed_dim: "none" = the tower's own `proj` (CLIP layout, part of the
+            # tower, locked with it); linear | mlp | patch_mlp = a separate trainable head
+            # (`image_head/...`) on the unprojected features, trained even when the tower is
+            # locked (LiT, frozen encoders + projectors). See jaxclip/models/heads.py.
+            head="none",
         )
     )
     m.text = ConfigDict(
@@ -82,6 +87,8 @@ def defaults() -> ConfigDict:
             ln_eps=1e-5,
             proj_bias=False,
             locked=False,
+            kind="clip",  # clip (pre-LN, causal) | bert (post-LN, bidirectional; models/bert.py)
+            head="none",  # as model.image.head
         )
     )
 
@@ -109,6 +116,9 @@ def defaults() -> ConfigDict:
     o.no_decay = ["(^|/)(bias|scale)$", "pos_embed", "cls_token", "logit_(scale|bias)$"]
     o.frozen = []  # trained not at all: no gradient, no optimizer state
     o.lr_mults = ConfigDict()  # regex -> learning-rate multiplier
+    # Layer-wise lr decay per tower (1.0 = off): block i of a depth-D tower gets decay^(D - i),
+    # the embeddings decay^(D + 1), everything above the blocks 1 (jaxclip.optim).
+    o.layer_decay = ConfigDict(dict(image=1.0, text=1.0))
 
     c.train = t = ConfigDict()
     t.steps = 1000
@@ -139,6 +149,13 @@ def defaults() -> ConfigDict:
     d.shuffle_seed = -1  # -1 = seed
 
     c.evals = ConfigDict()  # name -> {type, every_steps, ...}; see jaxclip.evals
+
+    # Initialise a fresh run (never a resumed one) from pretrained weights: a converted jaxclip
+    # params dir, a HF CLIPModel/BertModel dir or an open_clip dir (jaxclip.interop.init).
+    c.init = ConfigDict(dict(
+        path="",
+        select="",  # regex over parameter paths to load, e.g. "^text/"; "" = every parameter
+    ))
     return c
 
 
@@ -319,6 +336,9 @@ _CHOICES = {
     "model.image.act": ("gelu", "quick_gelu"),
     "model.text.act": ("gelu", "quick_gelu"),
     "model.text.pool": ("eot", "last", "mean", "first"),
+    "model.text.kind": ("clip", "bert"),
+    "model.image.head": ("none", "linear", "mlp", "patch_mlp"),
+    "model.text.head": ("none", "linear", "mlp", "patch_mlp"),
     "loss.scale_param": ("logit_scale", "temperature"),
     "loss.direction_reduce": ("mean", "sum"),
     "optim.schedule": ("cosine", "constant", "linear"),
@@ -352,6 +372,19 @@ def validate(cfg: ConfigDict) -> None:
         t = cfg.model[tower]
         if t.width % t.heads:
             raise ConfigError(f"model.{tower}.width={t.width} is not divisible by heads={t.heads}")
+        decay = cfg.optim.layer_decay[tower]
+        if not 0 < decay <= 1:
+            raise ConfigError(f"config key 'optim.layer_decay.{tower}' must be in (0, 1], "
+                              f"got {decay}")
+    if cfg.model.text.kind == "bert" and cfg.model.text.pool not in ("mean", "first"):
+        raise ConfigError("model.text.kind='bert' pools 'mean' or 'first' ([CLS]), got "
+                          f"model.text.pool={cfg.model.text.pool!r}")
+    if cfg.model.text.proj_bias and cfg.model.text.head != "none":
+        raise ConfigError("model.text.proj_bias belongs to the tower's own projection; with "
+                          f"model.text.head={cfg.model.text.head!r} the head has its own bias")
+    if img.head == "patch_mlp" and img.pool != "cls":
+        raise ConfigError("model.image.head='patch_mlp' projects the CLS token and the patch "
+                          f"tokens; it needs model.image.pool='cls', got {img.pool!r}")
 
 
 def to_json(cfg: ConfigDict) -> str:

@@ -7,6 +7,11 @@ over slash paths ("text/blocks/mlp/fc1/kernel"):
   optim.no_decay   no weight decay (biases, norm scales, position tables, logit scale/bias);
                    parameters with fewer than 2 dimensions never decay either;
   optim.lr_mults   {regex: multiplier} of the learning rate; the first matching regex wins.
+  optim.layer_decay  {tower: decay} layer-wise lr decay (BEiT / open_clip's layer groups): in a
+                   tower of depth D the embeddings get decay^(D+1), block i decay^(D-i), and what
+                   sits above the blocks (final norms, projection, pooling head) 1. Blocks are
+                   stacked, so a block parameter's multiplier is a (D, 1, ...) array that
+                   broadcasts along the leading layers axis. It multiplies any lr_mults factor.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxclip import tree
@@ -62,15 +68,42 @@ def decay_mask(params: dict, optim_cfg) -> dict:
         lambda p, x: len(x.shape) >= 2 and not tree.matches(p, optim_cfg.no_decay), params)
 
 
+# Tower parameters below the first block: patch/token/position/type embeddings and their norms.
+_EMBEDDINGS = re.compile(
+    r"^(image|text)/(patch_embed|cls_token|pos_embed|ln_pre|token_embed|type_embed|ln_embed)(/|$)")
+
+
+def _tower_depths(params: dict, optim_cfg) -> dict[str, int]:
+    """Depth of each tower that has layer decay, read from its stacked blocks' leading axis."""
+    depths = {}
+    for tower, decay in optim_cfg.layer_decay.items():
+        if decay == 1.0:
+            continue
+        blocks = [x for p, x in tree.flatten(params).items() if p.startswith(f"{tower}/blocks/")]
+        if blocks:
+            depths[tower] = blocks[0].shape[0]
+        elif any(_EMBEDDINGS.match(p) for p in tree.flatten(params) if p.startswith(tower)):
+            raise ValueError(f"optim.layer_decay.{tower}={decay} needs the {tower} tower's blocks "
+                             "to be trained (they are frozen), to know the tower's depth")
+    return depths
+
+
 def lr_multipliers(params: dict, optim_cfg) -> dict | None:
     rules = list(optim_cfg.lr_mults.items())
-    if not rules:
+    depths = _tower_depths(params, optim_cfg)
+    if not rules and not depths:
         return None
-    def mult(path, _):
-        for pattern, m in rules:
-            if re.search(pattern, path):
-                return float(m)
-        return 1.0
+
+    def mult(path, x):
+        m = next((float(v) for pattern, v in rules if re.search(pattern, path)), 1.0)
+        tower = path.split("/", 1)[0]
+        if tower not in depths:
+            return m
+        decay, depth = float(optim_cfg.layer_decay[tower]), depths[tower]
+        if path.startswith(f"{tower}/blocks/"):
+            per_layer = decay ** (depth - np.arange(depth, dtype=np.float64))
+            return (m * per_layer).astype(np.float32).reshape((depth,) + (1,) * (x.ndim - 1))
+        return m * decay ** (depth + 1) if _EMBEDDINGS.match(path) else m
 
     return tree.map_with_path(mult, params)
 

@@ -249,6 +249,12 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
     else:
         start, goodput = 0, Goodput()
         state = init_state(m)
+        if cfg.init.path:  # pretrained weights for a fresh run (jaxclip/interop/init.py)
+            from jaxclip.interop import init as pretrained
+
+            state = pretrained.apply(m, state)
+            logging.info("initialised %s from %s", cfg.init.select or "all parameters",
+                         cfg.init.path)
         goodput.init_s += time.perf_counter() - t0
     prior_total = goodput.total_s
 

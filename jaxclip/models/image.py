@@ -51,7 +51,9 @@ class ImageTower(nnx.Module):
         self.ln_post = L.LayerNorm(w, eps=cfg.ln_eps)
         self.map_head = (MAPHead(w, cfg.heads, cfg.mlp_ratio, act=cfg.act, ln_eps=cfg.ln_eps)
                          if cfg.pool == "map" else None)
-        self.proj = L.param(L.normal(w**-0.5), (w, embed_dim), ("embed", "joint"))
+        # With a separate head (models/heads.py) the tower returns unprojected features.
+        self.proj = (L.param(L.normal(w**-0.5), (w, embed_dim), ("embed", "joint"))
+                     if cfg.head == "none" else None)
         self.patch_size = p
         self.image_size = cfg.image_size
         self.pool = cfg.pool
@@ -83,6 +85,8 @@ class ImageTower(nnx.Module):
             pooled = patches.mean(axis=1)
         else:
             pooled = self.map_head(x, attn_impl)
+        if self.proj is None:
+            return pooled, patches if return_tokens else None
         proj = self.proj[...].astype(dtype)
         tokens = patches @ proj if return_tokens else None
         return pooled @ proj, tokens

@@ -42,8 +42,11 @@ class TextTower(nnx.Module):
         self.blocks = L.Transformer(width=w, depth=cfg.depth, heads=cfg.heads,
                                     mlp_ratio=cfg.mlp_ratio, act=cfg.act, ln_eps=cfg.ln_eps)
         self.ln_final = L.LayerNorm(w, eps=cfg.ln_eps)
-        self.proj = L.param(L.normal(w**-0.5), (w, embed_dim), ("embed", "joint"))
-        self.proj_bias = L.param(L.zeros, (embed_dim,), ("joint",)) if cfg.proj_bias else None
+        # With a separate head (models/heads.py) the tower returns unprojected features.
+        own = cfg.head == "none"
+        self.proj = L.param(L.normal(w**-0.5), (w, embed_dim), ("embed", "joint")) if own else None
+        self.proj_bias = (L.param(L.zeros, (embed_dim,), ("joint",))
+                          if cfg.proj_bias and own else None)
         self.causal = cfg.causal
         self.pool = cfg.pool
         self.eot_id = cfg.eot_id
@@ -73,6 +76,8 @@ class TextTower(nnx.Module):
         else:
             m = mask[..., None].astype(x.dtype)
             pooled = (x * m).sum(1) / jnp.maximum(m.sum(1), 1)
+        if self.proj is None:
+            return pooled, x if return_tokens else None, mask
         proj = self.proj[...].astype(dtype)
 
         def project(h):

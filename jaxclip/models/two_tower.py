@@ -7,6 +7,11 @@ only computed when asked for.
 `logit_scale` is stored in log space (init ln(1/0.07); SigLIP ln 10) and `logit_bias` exists only
 when `model.logit_bias_init` is set. With `loss.scale_param = "temperature"` (ALIGN) the same
 parameter holds the temperature itself; the loss, not the model, interprets it.
+
+The text tower is the CLIP transformer (text.py) or a BERT encoder (bert.py, `text.kind`). A tower
+with `head != "none"` returns unprojected features and a separate head (heads.py, `image_head` /
+`text_head`) projects them; a locked tower is cut off by stop_gradient before its head, so no
+backward pass is built through it while the head trains.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxclip.models.bert import BertTower
+from jaxclip.models.heads import Head
 from jaxclip.models.image import ImageTower
 from jaxclip.models.text import TextTower
 
@@ -43,7 +50,15 @@ class TwoTower(nnx.Module):
         """cfg: the `model` section of a jaxclip config. Random parameters are left at zero
         here and drawn by `jaxclip.models.init_params` (see `build_model`)."""
         self.image = ImageTower(cfg.image, cfg.embed_dim)
-        self.text = TextTower(cfg.text, cfg.embed_dim)
+        text_tower = BertTower if cfg.text.kind == "bert" else TextTower
+        self.text = text_tower(cfg.text, cfg.embed_dim)
+        # Heads live outside the towers' subtrees, so a locked tower's head still trains.
+        self.image_head = (Head(cfg.image.head, cfg.image.width, cfg.embed_dim,
+                                ln_eps=cfg.image.ln_eps, text=False)
+                           if cfg.image.head != "none" else None)
+        self.text_head = (Head(cfg.text.head, cfg.text.width, cfg.embed_dim,
+                               ln_eps=cfg.text.ln_eps, text=True)
+                          if cfg.text.head != "none" else None)
         self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32), axes=(),
                                      init=("value",))
         self.logit_bias = (nnx.Param(jnp.asarray(cfg.logit_bias_init, jnp.float32), axes=(),
@@ -54,16 +69,25 @@ class TwoTower(nnx.Module):
         self.locked = (cfg.image.locked, cfg.text.locked)
 
     def encode_image(self, images: jax.Array, *, return_tokens: bool = False):
-        emb, tokens = self.image(images, dtype=self.dtype, return_tokens=return_tokens, **self.run)
+        head = self.image_head
+        want = return_tokens or (head is not None and head.kind == "patch_mlp")
+        emb, tokens = self.image(images, dtype=self.dtype, return_tokens=want, **self.run)
         if self.locked[0]:
             emb, tokens = jax.lax.stop_gradient((emb, tokens))
+        if head is not None:
+            emb, tokens = head(emb, tokens)
+        tokens = tokens if return_tokens else None
         return l2_normalize(emb), None if tokens is None else l2_normalize(tokens)
 
     def encode_text(self, text: jax.Array, *, return_tokens: bool = False):
-        emb, tokens, mask = self.text(text, dtype=self.dtype, return_tokens=return_tokens,
-                                      **self.run)
+        head = self.text_head
+        want = return_tokens or (head is not None and head.kind == "patch_mlp")
+        emb, tokens, mask = self.text(text, dtype=self.dtype, return_tokens=want, **self.run)
         if self.locked[1]:
             emb, tokens = jax.lax.stop_gradient((emb, tokens))
+        if head is not None:
+            emb, tokens = head(emb, tokens, mask)
+        tokens = tokens if return_tokens else None
         return l2_normalize(emb), None if tokens is None else l2_normalize(tokens), mask
 
     def __call__(self, images: jax.Array, text: jax.Array, *, return_tokens: bool = False):
