@@ -187,7 +187,7 @@ def workdir(model, tmp_path_factory):
     with open(os.path.join(path, "config.json"), "w") as f:
         f.write(config.to_json(cfg))
     ckpt = checkpoint.Checkpointer(path, every=1, keep=2)
-    ckpt.save(7, state, {"next_step": 7}, cfg.to_dict(), force=True)
+    ckpt.save(7, state, data={"next_step": 7}, config=cfg.to_dict(), progress={}, force=True)
     ckpt.close()
     return path
 

@@ -28,7 +28,7 @@ find_python() {  # prints a python executable for version $1, or nothing
 }
 
 install_debian_data() {
-  local pkgs=(dataset-fashion-mnist fonts-noto-color-emoji unicode-data)
+  local pkgs=(dataset-fashion-mnist fonts-noto-color-emoji unicode-data shellcheck)
   local missing=()
   for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
   [ ${#missing[@]} -eq 0 ] && return
