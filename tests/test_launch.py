@@ -11,6 +11,7 @@ machine's XLA, which rejects unknown flag names.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shlex
@@ -33,11 +34,18 @@ ENV_FILES = sorted(LAUNCH.glob("env/*.env"))
 BASH = shutil.which("bash")
 
 
-def _env(**extra) -> dict:
+# conftest.py sets these for the suite's own compilation cache; tests of the env files' defaults
+# must not inherit them
+CONFTEST_CACHE_SETTINGS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
+
+
+def _env(*, drop: tuple[str, ...] = (), **extra) -> dict:
     """This process's environment minus anything that would make a child think it is part of a
-    launch, plus PYTHONPATH so children import this checkout."""
+    launch (and minus `drop`), plus PYTHONPATH so children import this checkout."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JAXCLIP_", "SLURM_", "TPU_", "JAX_COORDINATOR", "DRY_RUN"))}
+           if not k.startswith(("JAXCLIP_", "SLURM_", "TPU_", "JAX_COORDINATOR", "DRY_RUN"))
+           and k not in drop}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
@@ -237,15 +245,17 @@ def test_local_kills_a_process_that_ignores_sigterm():
 
 # ---- env files and worker.sh ------------------------------------------------------------------
 
-def _worker_env(platform: str, **env) -> dict[str, str]:
-    out = _run([str(LAUNCH / "worker.sh"), platform, "--", "true"], env=_env(DRY_RUN="1", **env))
+def _worker_env(platform: str, drop: tuple[str, ...] = (), **env) -> dict[str, str]:
+    out = _run([str(LAUNCH / "worker.sh"), platform, "--", "true"],
+               env=_env(drop=drop, DRY_RUN="1", **env))
     assert out.returncode == 0, out.stderr
     return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line
                 and not line.startswith("+ "))
 
 
 def test_env_files_defaults_and_overrides():
-    gpu = _worker_env("gpu", XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=false")
+    gpu = _worker_env("gpu", drop=CONFTEST_CACHE_SETTINGS,
+                      XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=false")
     flags = gpu["XLA_FLAGS"].split()
     assert "--xla_gpu_enable_latency_hiding_scheduler=true" in flags
     assert "--xla_gpu_all_reduce_combine_threshold_bytes=1073741824" in flags
@@ -274,7 +284,8 @@ def test_env_files_are_understood_by_jax():
     """XLA aborts on an unknown flag name in XLA_FLAGS, and the GPU flags are parsed by every
     backend, so this machine's jaxlib checks the names in gpu.env; JAX reads common.env's cache
     settings."""
-    env = _worker_env("gpu", JAX_COMPILATION_CACHE_DIR="/tmp/jaxclip-test-cache")
+    env = _worker_env("gpu", drop=CONFTEST_CACHE_SETTINGS,
+                      JAX_COMPILATION_CACHE_DIR="/tmp/jaxclip-test-cache")
     check = ("import jax; jax.devices(); c = jax.config; "
              "print(c.jax_compilation_cache_dir, c.jax_persistent_cache_min_compile_time_secs)")
     out = _run([sys.executable, "-c", check], env=_env(**env, JAX_PLATFORMS="cpu"))
@@ -318,7 +329,7 @@ def fake_slurm(tmp_path):
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     job_id = str(os.getpid() % 100000 + 7)  # JAX derives the coordinator port from it
-    return tmp_path, _env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    return tmp_path, _env(drop=CONFTEST_CACHE_SETTINGS, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
                           SLURM_JOB_ID=job_id, SLURM_JOB_NUM_NODES="1",
                           SLURM_SUBMIT_DIR=str(REPO), JAXCLIP_SHARED_DIR=str(tmp_path))
 
@@ -496,16 +507,29 @@ def test_tpu_xpk_commands():
     assert delete[:3] == ["xpk", "workload", "delete"]
 
 
-def test_tpu_xpk_commands_parse_with_xpk():
-    """Optional: the printed commands parsed by xpk's own argument parser (xpk 1.16 checked)."""
-    core = pytest.importorskip("xpk.parser.core", reason="xpk is not installed")
-    import argparse
+XPK_PARSE = """
+import argparse, json, sys
+from xpk.parser import core
+for argv in json.loads(sys.argv[1]):
+    parser = argparse.ArgumentParser(prog="xpk")
+    core.set_parser(parser=parser)
+    parser.parse_args(argv[1:])
+print("parsed", flush=True)
+"""
 
-    for argv in (_dry("tpu_xpk.sh", "train", "--", *TRAIN_ARGS, CLUSTER="c1")[0],
-                 _dry("tpu_xpk.sh", "status", CLUSTER="c1")[0]):
-        parser = argparse.ArgumentParser(prog="xpk")
-        core.set_parser(parser=parser)
-        parser.parse_args(argv[1:])
+
+def test_tpu_xpk_commands_parse_with_xpk():
+    """The printed commands parsed by xpk's own argument parser (xpk 1.16 checked). xpk pins
+    google-cloud packages that downgrade protobuf below what tensorflow-datasets needs, so it
+    lives in its own environment: $JAXCLIP_XPK_PYTHON (tools/test.sh makes one)."""
+    python = os.environ.get("JAXCLIP_XPK_PYTHON")
+    if not python:
+        pytest.skip("xpk is not installed: set JAXCLIP_XPK_PYTHON to a python that has it "
+                    "(tools/test.sh does)")
+    argvs = [_dry("tpu_xpk.sh", "train", "--", *TRAIN_ARGS, CLUSTER="c1")[0],
+             _dry("tpu_xpk.sh", "status", CLUSTER="c1")[0]]
+    out = _run([python, "-c", XPK_PARSE, json.dumps(argvs)])
+    assert out.returncode == 0 and "parsed" in out.stdout, out.stderr[-2000:]
 
 
 def test_gke_render_fills_the_jobset():

