@@ -291,36 +291,43 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
         while step < end:
             if step + 1 == profile_from:  # trace steps profile_from..profile_to
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
-            t0 = time.perf_counter()
+            iteration_start = time.perf_counter()
             host_batch = next(data)
-            waited = time.perf_counter() - t0
+            waited = time.perf_counter() - iteration_start
             window.data_wait += waited
             goodput.data_wait_s += waited
             window.skipped += int(host_batch.pop("skipped"))
             batch = sharding.global_batch(host_batch, m.mesh)
-            t0 = time.perf_counter()
             state, metrics = compiled(state, batch)
             step += 1
             window.add(step, metrics)
             if step == profile_to:
                 jax.block_until_ready(metrics)
                 jax.profiler.stop_trace()
-            goodput.step_s += time.perf_counter() - t0
             if progress is not None:
                 progress.update(1)
 
+            # Dispatch is asynchronous: device time surfaces wherever the host next waits (a log
+            # line's metric fetch, a checkpoint). Stepping is therefore this iteration's wall time
+            # minus what is accounted elsewhere, and a checkpoint first waits for its step.
+            other = waited
             preempted = watcher.should_stop(step)
             if ckpt.should_save(step) or step == end or preempted:
                 window.sync()  # never checkpoint past a non-finite loss
+                jax.block_until_ready(state)
                 t0 = time.perf_counter()
                 account_wall()
                 ckpt.save(step, state, data=stream.stream_state(cfg, step), config=cfg.to_dict(),
                           progress={"goodput": dataclasses.asdict(goodput)}, force=True)
                 if preempted:
                     ckpt.wait()
-                goodput.checkpoint_s += time.perf_counter() - t0
+                seconds = time.perf_counter() - t0
+                goodput.checkpoint_s += seconds
+                other += seconds
             if step % cfg.train.log_every == 0 or step == end or preempted:
                 row = window.summary(cfg.train.batch_size, n_dev, flops_per_sample, peak)
+                goodput.step_s += time.perf_counter() - iteration_start - other
+                other = time.perf_counter() - iteration_start  # counted up to here
                 account_wall()
                 row.update(goodput.row())
                 writer.write(step, row)
@@ -336,7 +343,9 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
                 last_logged.update(eval_metrics)
                 seconds = time.perf_counter() - t0
                 goodput.eval_s += seconds
+                other += seconds
                 window.start += seconds  # evaluation is not training throughput
+            goodput.step_s += max(0.0, time.perf_counter() - iteration_start - other)
     finally:
         watcher.close()
         if progress is not None:
