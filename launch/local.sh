@@ -163,6 +163,9 @@ trap 'on_signal HUP' HUP
 awk_cmd=(awk)
 # (No `| grep -q` here: grep exiting early would SIGPIPE awk and, under pipefail, fail the test.)
 case "$(awk -W version 2>&1 || true)" in *mawk*) awk_cmd+=(-W interactive) ;; esac
+# The readers share one stdout: each line goes out as one string, hence one write(2) (atomic on
+# a pipe up to PIPE_BUF bytes); mawk's `print` writes the line and its newline separately, so
+# two ranks' lines could interleave mid-line.
 
 # Job control: every process leads its own process group, so a terminal's Ctrl-C reaches only
 # this launcher (which forwards it once) and a process tree can be killed as a whole.
@@ -174,7 +177,7 @@ for ((r = 0; r < nproc; r++)); do
   log="${log_dir:+$log_dir/rank$r.log}"
   # shellcheck disable=SC2016  # (an awk program)
   "${awk_cmd[@]}" -v prefix="[$r] " -v logfile="$log" \
-    '{ print prefix $0; fflush(); if (logfile != "") { print > logfile; fflush(logfile) } }' \
+    '{ printf "%s", prefix $0 "\n"; fflush(); if (logfile != "") { print > logfile; fflush(logfile) } }' \
     <"$fifo" &
   readers[r]=$!
   local_ids=""
