@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxclip import cli, config, train
+from jaxclip.data import pipeline
 from jaxclip.metrics import read_metrics
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
@@ -16,6 +17,7 @@ SMALL = [
     "data.train.dataset=shapes_small",
     "evals.val.dataset=shapes_small", "evals.val.every_steps=3",
     "evals.novel.dataset=shapes_small", "evals.novel.every_steps=0",
+    "evals.relation.dataset=shapes_small", "evals.relation.every_steps=0",
 ]
 
 
@@ -38,6 +40,7 @@ def test_cli_train_smoke(tmp_path, capsys):
     for name in ("val", "novel"):
         for metric in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"):
             assert 0.0 <= evals[f"eval/{name}/{metric}"] <= 1.0
+    assert 0.0 <= evals["eval/relation/top1"] <= evals["eval/relation/top2"] <= 1.0
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["train"]["steps"] == 6
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
@@ -69,6 +72,24 @@ def test_resume_with_a_different_batch_size_is_refused(tmp_path):
     cfg.train.batch_size = 32
     with pytest.raises(ValueError, match="global_batch was 16 .* is 32 now"):
         train.train(cfg, workdir)
+
+
+@pytest.mark.slow
+def test_resume_follows_the_data_to_a_new_path_but_refuses_other_data(tmp_path, monkeypatch):
+    import shutil
+
+    workdir = str(tmp_path / "run")
+    train.train(_cfg(), workdir, stop_at=3)
+    built = pipeline.dataset_dir("shapes_small")
+    moved = tmp_path / "moved_cache"  # the same dataset, mounted elsewhere after a restart
+    shutil.copytree(built, moved / "datasets" / os.path.basename(built))
+    monkeypatch.setenv("JAXCLIP_CACHE", str(moved))
+    other = _cfg()
+    other.data.train.split = "val"  # different records: the stream would silently change
+    with pytest.raises(ValueError, match=r"source_ids was .*\(sources were"):
+        train.train(other, workdir)
+    train.train(_cfg(), workdir)
+    assert [r["step"] for r in read_metrics(workdir) if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.slow

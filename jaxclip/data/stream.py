@@ -3,17 +3,21 @@
 `train_stream(cfg, start_step, tokenizer)` builds the step-indexed pipeline
 (`jaxclip.data.pipeline`) from the config's `data` section for this host. Because batch s is a
 pure function of (sources, seed, global batch, s), resuming needs only the next step — plus a
-check that those invariants still hold. `stream_state` is what a checkpoint records;
+check that those invariants still hold (the datasets are identified by content, not path, so a
+restart may mount them elsewhere). `stream_state` is what a checkpoint records;
 `check_stream_state` refuses a resume that would silently change the data order. The number of
 hosts and of loader workers may change between runs: neither affects the batches.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import jax
 
 from jaxclip import config
-from jaxclip.data import pipeline
+from jaxclip.data import pipeline, records
 
 
 def sources(cfg) -> list[tuple[str, str, float]]:
@@ -52,17 +56,38 @@ def train_stream(cfg, start_step: int, tokenizer):
         seed=seed(cfg), workers=cfg.data.workers, prefetch=cfg.data.prefetch)
 
 
+def source_identity(directory: str, split: str, weight: float) -> list:
+    """What makes a source the same data, wherever it is mounted: its split, weight, and the
+    shard files and record counts of its manifest (a rebuilt or different dataset differs)."""
+    manifest = records.read_manifest(directory)
+    shards = manifest.splits.get(split, {}).get("shards", [])
+    digest = hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()[:16]
+    return [split, float(weight), manifest.num_records(split), digest]
+
+
 def stream_state(cfg, next_step: int) -> dict:
-    """What the stream needs to resume exactly: its position and its invariants."""
+    """What the stream needs to resume exactly: its position and its invariants.
+
+    `sources` (the directories) is informational: a restart may mount the same datasets
+    elsewhere (another pod, another cache path). `source_ids` is what must not change.
+    """
+    srcs = sources(cfg)
     return {"next_step": int(next_step), "global_batch": int(cfg.train.batch_size),
-            "seed": seed(cfg), "sources": [list(s) for s in sources(cfg)]}
+            "seed": seed(cfg), "sources": [list(s) for s in srcs],
+            "source_ids": [source_identity(*s) for s in srcs]}
 
 
 def check_stream_state(cfg, saved: dict) -> None:
     now = stream_state(cfg, saved["next_step"])
-    for key in ("global_batch", "seed", "sources"):
+    # Checkpoints written before `source_ids` existed are checked by path.
+    keys = ("global_batch", "seed", "source_ids" if "source_ids" in saved else "sources")
+    for key in keys:
         if now[key] != saved.get(key):
+            detail = ""
+            if key == "source_ids":
+                detail = (f" (sources were {saved.get('sources')!r}, now {now['sources']!r}; "
+                          "each id is [split, weight, records, shard-list digest])")
             raise ValueError(
                 f"cannot resume the data stream exactly: {key} was {saved.get(key)!r} when the "
-                f"checkpoint was written and is {now[key]!r} now. Restore the original value, or "
-                "start a new workdir (initialising from this checkpoint).")
+                f"checkpoint was written and is {now[key]!r} now{detail}. Restore the original "
+                "value, or start a new workdir (initialising from this checkpoint).")
