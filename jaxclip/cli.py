@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="evaluate a checkpoint with the configured evaluators "
                                     "(no training); prints a table, writes JSON")
-    p.add_argument("--workdir", required=True, help="the run's directory (checkpoints/)")
+    p.add_argument("--workdir", required=True,
+                   help="the run's directory (checkpoints/), or imported weights (a jaxclip "
+                        "convert output, a HF CLIPModel or an open_clip directory)")
     p.add_argument("--config", default=None,
                    help="config file (default: the run's WORKDIR/config.json)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")

@@ -137,6 +137,30 @@ def test_eval_step_only_and_overrides(run, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_eval_of_imported_weights_matches_the_workdir(run, tmp_path, capsys):
+    """Exported to a HF CLIPModel directory and evaluated from there (model, tokenizer and
+    preprocessing from the weights, evaluators from --config): the same numbers as the run."""
+    config_path, workdir = run
+    hf = str(tmp_path / "hf")
+    assert cli.main(["export", "--workdir", workdir, "--format", "hf", "--out", hf]) == 0
+    out = str(tmp_path / "imported.json")
+    assert cli.main(["eval", "--workdir", hf, "--config", config_path, "--out", out]) == 0
+    assert f"evaluation of {hf} at imported weights" in capsys.readouterr().out
+    with open(out) as f:
+        report = json.load(f)
+    assert report["step"] == "imported"
+    got = {k: v for k, v in report["metrics"].items() if not k.endswith("/seconds")}
+    want = logged_evals(workdir, 4)
+    assert got.keys() == want.keys()
+    for key, value in want.items():  # same float32 parameters and programs: equal up to rounding
+        assert got[key] == pytest.approx(value, abs=1e-6), key
+    with pytest.raises(SystemExit, match="--step applies to training workdirs"):
+        cli.main(["eval", "--workdir", hf, "--config", config_path, "--step", "2"])
+    with pytest.raises(SystemExit, match="no evaluators"):
+        cli.main(["eval", "--workdir", hf])  # the weights' own config has none
+
+
+@pytest.mark.slow
 def test_eval_errors_are_clear(run, tmp_path):
     config_path, workdir = run
     cases = [

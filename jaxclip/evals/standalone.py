@@ -11,6 +11,12 @@ changed for an old run. Only the parameters are restored (not the optimizer stat
 of the current devices, whatever mesh wrote them. Metrics are printed as a table and written to
 WORKDIR/eval_<step>.json (or --out).
 
+WORKDIR may also be imported weights: a `jaxclip convert` output, a HF CLIPModel or an open_clip
+directory. The model, tokenizer and image preprocessing then come from the weights and the
+evaluators from --config:
+
+    jaxclip eval --workdir hf/clip-vit-base-patch32 --config configs/my_evals.py
+
 `restore_params` + `jaxclip.evals.evaluate` are the two calls for any other entry point (imported
 weights only need the second).
 """
@@ -158,23 +164,72 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+# What imported weights decide in the config: the model, and how its inputs are prepared.
+_WEIGHTS_DATA_KEYS = ("tokenizer", "mean", "std", "image_size")
+
+
+def imported_weights(path: str) -> Any:
+    """The weights in `path` when it is an imported checkpoint directory (a `jaxclip convert`
+    output, a HF CLIPModel or an open_clip directory), or None for a training workdir."""
+    from jaxclip.interop import sources
+
+    if not os.path.isdir(path) or os.path.isdir(os.path.join(path, "checkpoints")):
+        return None
+    try:
+        kind = sources.detect(path)
+    except ValueError:
+        return None  # e.g. a workdir whose first checkpoint is not written yet
+    if kind == "hf_bert":
+        raise ValueError(f"{path} is a BertModel: a text tower alone cannot be evaluated "
+                         "(import it into a two-tower model with init.path instead)")
+    return sources.read(path)
+
+
+def imported_config(pre, config_spec: str | None, overrides: list[str]) -> config.ConfigDict:
+    """The evaluators and mesh of `config_spec` (default: the weights' own config, which has no
+    evaluators) with the model, tokenizer and image preprocessing of the imported weights."""
+    cfg = config.load(config_spec, []) if config_spec else pre.cfg
+    cfg.model = pre.cfg.model
+    for key in _WEIGHTS_DATA_KEYS:
+        cfg.data[key] = pre.cfg.data[key]
+    for item in overrides:
+        config.apply_override(cfg, item)
+    config.validate(cfg)
+    return cfg
+
+
 def run(workdir: str, *, config_spec: str | None = None, overrides: list[str] = (),
         step: int | None = None, names: list[str] | None = None,
-        out: str | None = None) -> tuple[int, dict[str, float], str | None]:
-    """Evaluates a checkpoint; returns (step, metrics, path of the JSON written or None)."""
+        out: str | None = None) -> tuple[int | str, dict[str, float], str | None]:
+    """Evaluates a checkpoint; returns (step, metrics, path of the JSON written or None).
+
+    `workdir` may also be a directory of imported weights (see `imported_weights`); their step
+    is reported as "imported" and the JSON goes to WORKDIR/eval_imported.json.
+    """
     from jaxclip import train
     from jaxclip.evals import evaluate
 
-    cfg = load_config(workdir, config_spec, list(overrides))
+    t0 = time.perf_counter()
+    pre = imported_weights(workdir)
+    if pre is not None:
+        if step is not None:
+            raise ValueError(f"--step applies to training workdirs; {workdir} holds imported "
+                             f"{pre.kind} weights")
+        cfg = imported_config(pre, config_spec, list(overrides))
+    else:
+        cfg = load_config(workdir, config_spec, list(overrides))
     if not cfg.evals:
-        raise ValueError("the config has no evaluators; add some with "
+        raise ValueError("the config has no evaluators; add some with --config CONFIG or "
                          "--config.evals.NAME=\"{'type': 'retrieval', 'split': 'val'}\"")
     model = train.build(cfg)
-    t0 = time.perf_counter()
-    params, step = restore_params(model, workdir, step)
+    if pre is not None:
+        params, step = tree.unflatten(pre.params), "imported"
+    else:
+        params, step = restore_params(model, workdir, step)
     restore_s = time.perf_counter() - t0
-    logging.info("restored step %d of %s in %.1fs", step, workdir, restore_s)
-    metrics = evaluate(cfg, params, names, model=model, step=step)
+    logging.info("restored step %s of %s in %.1fs", step, workdir, restore_s)
+    metrics = evaluate(cfg, params, names, model=model,
+                       step=step if isinstance(step, int) else None)
     path = None
     if jax.process_index() == 0:
         path = out or os.path.join(workdir, f"eval_{step}.json")
@@ -210,7 +265,8 @@ def main(args, overrides: list[str]) -> int:
     except (config.ConfigError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"jaxclip eval: {e}") from None
     if jax.process_index() == 0:
-        print(f"\nevaluation of {args.workdir} at step {step}:")
+        where = f"step {step}" if isinstance(step, int) else f"{step} weights"
+        print(f"\nevaluation of {args.workdir} at {where}:")
         print(format_table(metrics))
         print(f"\nwrote {path}")
     return 0
