@@ -132,9 +132,26 @@ def test_missing_dataset_pieces_are_clear_errors(tmp_path):
         pipeline.dataset_dir("no_such_dataset", str(tmp_path))
 
 
-def test_random_resized_crop_and_center_resize():
-    img = Image.fromarray(np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3))
-    out = pipeline.random_resized_crop(img, 16, np.random.default_rng(0), scale=(0.3, 1.0))
-    assert out.size == (16, 16)
-    centre = np.asarray(pipeline.resize_center(img, 20))
-    assert centre.shape == (20, 20, 3)
+def test_training_crops_agree_with_the_evaluation_resize():
+    # A smooth image, so resampling filters differ only slightly: the OpenCV training path
+    # (decode, centre box, bicubic) and the Pillow evaluation path (antialiased bicubic) must
+    # give the same picture in the same channel order. Tolerance: 3 grey levels mean, which a
+    # swapped channel, an off-by-one crop or a wrong filter scale would all exceed.
+    y, x = np.mgrid[0:90, 0:120].astype(np.float32)
+    img = np.stack([x * 2, y * 2.5, 255 - x - y], -1).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    arr = pipeline.decode_array(buf.getvalue())
+    np.testing.assert_array_equal(arr, img)  # lossless, RGB order
+    train = pipeline.crop_resize(arr, pipeline.center_box(120, 90), 64)
+    evaluation = np.asarray(pipeline.resize_center(Image.fromarray(img), 64))
+    assert train.shape == evaluation.shape == (64, 64, 3)
+    assert np.abs(train.astype(int) - evaluation).mean() < 3
+    # Shrinking more than 2x averages (no aliasing): a 1-pixel checkerboard becomes flat grey.
+    board = (np.indices((128, 128)).sum(0) % 2 * 255).astype(np.uint8)[..., None].repeat(3, -1)
+    small = pipeline.crop_resize(board, (0, 0, 128, 128), 32)
+    assert np.abs(small.astype(int) - 127).max() <= 1
+    box = pipeline.random_resized_box(60, 40, np.random.default_rng(0), scale=(0.3, 1.0))
+    x0, y0, x1, y1 = box
+    assert 0 <= x0 < x1 <= 60 and 0 <= y0 < y1 <= 40 and (x1 - x0) * (y1 - y0) >= 0.3 * 2400 - 60
+    assert pipeline.crop_resize(arr, box, 16).shape == (16, 16, 3)
