@@ -12,7 +12,8 @@ and on the first 769 training emoji (`train`), which shows how much of the fit c
 names and pictures never seen together.
 
 Reaches (2-core CPU, 2026-12-03, 13 minutes including the build): held-out R@1 0.25 (i2t) /
-0.28 (t2i), R@10 0.56 / 0.55, median rank 6; train R@1 0.70 / 0.75. Table: docs/results.md.
+0.28 (t2i), R@10 0.56 / 0.55, median rank 6; train R@1 0.70 / 0.75. On a faster 2-core Xeon
+(2026-12-04): 0.24 / 0.26 held-out, 0.68 / 0.74 train, 9:42. Tables: docs/results.md.
 
     jaxclip train --config configs/emoji.py --workdir runs/emoji
 """

@@ -16,7 +16,8 @@ Data: converted from the Debian IDX files into the cache on first use (about 30 
 
 Reaches (2-core CPU, 2026-12-03, jax 0.10.2): zero-shot top-1 0.818 / 0.846 / 0.870 / 0.878 at
 steps 500 / 1000 / 1500 / 2000 (top-5 0.998), at ~330 samples/s; the whole command took 12:35
-with the data already built, plus ~30 s for the build on first use (docs/results.md).
+with the data already built, plus ~30 s for the build on first use. On a faster 2-core Xeon
+(2026-12-04): top-1 0.876 at step 2000, ~480 samples/s, 9:23 including the build (docs/results.md).
 
     jaxclip train --config configs/fashion_mnist.py --workdir runs/fashion_mnist
 """
