@@ -12,8 +12,10 @@ classifies the spatial relation of the `val` images zero-shot, from prompts that
 relation word over 32 random object pairs. "A above B" is the same picture as "B below A", so
 top-1 cannot exceed 0.5 by much; top-2 (the right axis) can reach 1. Chance: 0.25 / 0.5.
 
-Reaches (2-core CPU, 2026-12-03, about 7 minutes for the whole command): val R@1 0.56 (i2t) /
-0.57 (t2i), novel R@1 0.41 / 0.40; the README has the full table.
+Reaches (2-core Xeon CPU, 2026-12-04, 6 minutes for the whole command): val R@1 0.54 (i2t) /
+0.55 (t2i), R@5 0.96 / 0.97; novel R@1 0.38 / 0.39; relation at chance (0.25 / 0.49: the model
+learns the objects, not their arrangement). On a 2-core EPYC (2026-12-03, 7 minutes): val R@1
+0.56 / 0.57, novel 0.41 / 0.40. The README has the full table.
 
     jaxclip train --config configs/demo.py --workdir runs/demo
 """
