@@ -1,10 +1,22 @@
 """Small configs and inputs shared by the tests."""
 
+import importlib.util
+import os
+
 import jax
 import numpy as np
 from flax import nnx
 
 from jaxclip import config
+
+
+def load_tool(name: str):
+    """tools/NAME.py as a module (the tools are scripts, not part of the package)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_config(**overrides):

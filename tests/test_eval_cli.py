@@ -2,7 +2,6 @@
 tools/plot_metrics.py on the same workdir."""
 
 import fcntl
-import importlib.util
 import json
 import os
 import shutil
@@ -12,6 +11,7 @@ import pytest
 
 from jaxclip import cli
 from jaxclip.metrics import read_metrics
+from tests.helpers import load_tool
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 RELATIONS = ["above", "below", "to the left of", "to the right of"]
@@ -177,19 +177,11 @@ def test_eval_errors_are_clear(run, tmp_path):
     assert not os.path.exists(tmp_path / "checkpoints")  # evaluation creates nothing
 
 
-def load_plot_tool():
-    spec = importlib.util.spec_from_file_location(
-        "plot_metrics", os.path.join(ROOT, "tools", "plot_metrics.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_plot_tool_writes_pngs(run, tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is a tool-only dependency")
     _, workdir = run
-    tool = load_plot_tool()
+    tool = load_tool("plot_metrics")
     assert tool.main([workdir, "--out", str(tmp_path)]) == 0
     files = sorted(os.listdir(tmp_path))
     assert files == sorted(["loss.png", "lr.png", "logit_scale.png", "throughput.png",
@@ -200,7 +192,7 @@ def test_plot_tool_writes_pngs(run, tmp_path):
 
 
 def test_plot_tool_reads_resumed_and_non_finite_rows(tmp_path):
-    tool = load_plot_tool()
+    tool = load_tool("plot_metrics")
     lines = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": "nan", "lr": 0.1},
              {"step": 2, "loss": 1.5}, {"step": 2, "eval/v/top1": 0.5, "eval/v/seconds": 3.0}]
     path = tmp_path / "metrics.jsonl"
@@ -213,6 +205,6 @@ def test_plot_tool_reads_resumed_and_non_finite_rows(tmp_path):
 def test_plot_tool_without_matplotlib_says_how_to_install(tmp_path, monkeypatch, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
-    assert load_plot_tool().main([str(tmp_path)]) == 2
+    assert load_tool("plot_metrics").main([str(tmp_path)]) == 2
     assert "pip install matplotlib" in capsys.readouterr().err
-    assert load_plot_tool().main([str(tmp_path / "missing")]) == 2
+    assert load_tool("plot_metrics").main([str(tmp_path / "missing")]) == 2
