@@ -132,6 +132,37 @@ def test_missing_dataset_pieces_are_clear_errors(tmp_path):
         pipeline.dataset_dir("no_such_dataset", str(tmp_path))
 
 
+def test_large_jpegs_decode_at_reduced_scale_with_the_same_picture():
+    # A 512 x 384 smooth JPEG cropped to 64 px: its 384 px centre square is 6x the output, so
+    # libjpeg decodes at 1/4 scale. The picture must match a full decode + resize to within
+    # 3 grey levels on average (JPEG's DCT scaling vs OpenCV's area filter; a misplaced box or a
+    # swapped channel is far beyond that).
+    y, x = np.mgrid[0:384, 0:512].astype(np.float32)
+    img = np.stack([x / 2, y / 1.5, 255 - (x + y) / 3.5], -1).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=95)
+    data = buf.getvalue()
+    assert pipeline.jpeg_dims(data) == (512, 384)
+    exif = Image.Exif()
+    exif[0x0112] = 1  # an orientation tag: an APP1 segment before the frame header
+    for extra in (dict(progressive=True), dict(exif=exif, subsampling=0)):
+        other = io.BytesIO()
+        Image.fromarray(img[:300, :200]).save(other, format="JPEG", **extra)
+        assert pipeline.jpeg_dims(other.getvalue()) == (200, 300), extra
+    for box in (pipeline.center_box(512, 384), (40, 30, 400, 370)):
+        small, small_box = pipeline.decode_for_box(data, box, 64)
+        assert small.shape == (96, 128, 3)  # decoded at 1/4
+        reduced = pipeline.crop_resize(small, small_box, 64)
+        full = pipeline.crop_resize(pipeline.decode_array(data), box, 64)
+        assert np.abs(reduced.astype(int) - full).mean() < 3, box
+    # A box too small to shrink 2x, or a PNG, decodes at full size.
+    assert pipeline.decode_for_box(data, (0, 0, 100, 100), 64)[0].shape == (384, 512, 3)
+    png = io.BytesIO()
+    Image.fromarray(img).save(png, format="PNG")
+    assert pipeline.jpeg_dims(png.getvalue()) is None
+    assert pipeline.decode_for_box(png.getvalue(), (0, 0, 384, 384), 64)[0].shape[:2] == (384, 512)
+
+
 def test_training_crops_agree_with_the_evaluation_resize():
     # A smooth image, so resampling filters differ only slightly: the OpenCV training path
     # (decode, centre box, bicubic) and the Pillow evaluation path (antialiased bicubic) must

@@ -17,6 +17,7 @@ train step.
 
     python tools/bench_data.py                        # 2,048 images, 224 px crops
     python tools/bench_data.py --images 4096 --workers 1 2 4 --json out.json
+    python tools/bench_data.py --short-side 512 --images 1024    # web-size photos
 """
 
 from __future__ import annotations
@@ -55,11 +56,11 @@ def synthetic_jpeg(rng: np.random.Generator, short_side: int = 256) -> bytes:
     return buf.getvalue()
 
 
-def build_shard(directory: str, n: int, seed: int = 0) -> list[bytes]:
+def build_shard(directory: str, n: int, seed: int = 0, short_side: int = 256) -> list[bytes]:
     from jaxclip.data import records
 
     rng = np.random.default_rng(seed)
-    jpegs = [synthetic_jpeg(rng) for _ in range(n)]
+    jpegs = [synthetic_jpeg(rng, short_side) for _ in range(n)]
     recs = [{"image": jpg, "id": f"img-{i:06d}", "labels": {}, "meta": {},
              "captions": [" ".join(rng.choice(WORDS, int(rng.integers(8, 25))))
                           for _ in range(int(rng.integers(1, 4)))]}
@@ -116,6 +117,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--images", type=int, default=2048, help="records in the shard")
     p.add_argument("--image-size", type=int, default=224, help="crop size")
+    p.add_argument("--short-side", type=int, default=256,
+                   help="short side of the source JPEGs (larger ones decode at reduced scale)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                    help="worker-process counts to try after the 0-worker (per-core) run")
@@ -125,9 +128,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="jaxclip-bench-data-") as d:
         t0 = time.perf_counter()
-        jpegs = build_shard(d, args.images)
+        jpegs = build_shard(d, args.images, short_side=args.short_side)
         sizes = np.array([len(j) for j in jpegs])
-        print(f"shard: {args.images} JPEGs, median {np.median(sizes) / 1024:.1f} KB, built in "
+        print(f"shard: {args.images} JPEGs ({args.short_side} px short side), median "
+              f"{np.median(sizes) / 1024:.1f} KB, built in "
               f"{time.perf_counter() - t0:.1f} s; {os.cpu_count()} CPUs, "
               f"{platform.processor() or platform.machine()}, Python {sys.version.split()[0]}")
         # The per-core rows run pinned to one CPU: the tokenizer's own threads stay on it too.
@@ -139,6 +143,7 @@ def main() -> None:
         raw = max(raws.values())
         rows = {"raw_decode_per_core": raws, "images": args.images,
                 "median_jpeg_bytes": int(np.median(sizes)), "image_size": args.image_size,
+                "short_side": args.short_side,
                 "batch": args.batch, "cpus": os.cpu_count(), "pipeline": {}}
         for workers in [0, *args.workers]:
             if workers:
