@@ -75,6 +75,43 @@ def test_epochs_are_reshuffled_and_cover_every_record(dataset):
     assert len(set(e0)) == 96 and set(e0) == set(e1) and e0 != e1
 
 
+def test_weighted_mixture_draws_each_source_in_proportion(dataset):
+    # train (96 records) at weight 3 and val (8 records) at weight 1: a quarter of the stream is
+    # val, cycling through its 8 records, and the stream is the same when built again.
+    mix = [(dataset, "train", 3.0), (dataset, "val", 1.0)]
+    stream = pipeline.record_stream(mix, seed=3)
+    ids = [records.decode_record(stream[i])["id"] for i in range(800)]
+    val = [i for i in ids if i.startswith("val-")]
+    assert abs(len(val) / len(ids) - 0.25) < 0.02, len(val)
+    assert len(set(val)) == 8 and len({i for i in ids if i.startswith("train-")}) == 96
+    again = pipeline.record_stream(mix, seed=3)
+    assert ids == [records.decode_record(again[i])["id"] for i in range(800)]
+    # Through the batching: resuming at a step gives the mixture's batches too.
+    transform = pipeline.ElementTransform(image_size=32, seed=3)
+
+    def batches(start, n):
+        it = pipeline.train_batches(mix, transform=transform, tokenizer=WordTokenizer(),
+                                    context_length=8, global_batch=16, start_step=start,
+                                    host_index=0, host_count=1, seed=3, workers=0)
+        return [next(it)["image"] for _ in range(n)]
+
+    for x, y in zip(batches(0, 6)[4:], batches(4, 2)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_mixture_from_the_config_and_its_errors(dataset):
+    from jaxclip import config
+    from jaxclip.data import stream
+
+    cfg = config.defaults()
+    cfg.data.train.mixture = [dict(dataset=dataset, split="train", weight=3),
+                              dict(dataset=dataset, split="val")]
+    assert stream.sources(cfg) == [(dataset, "train", 3.0), (dataset, "val", 1.0)]
+    cfg.data.train.mixture = [dict(dataset=dataset, wieght=2)]
+    with pytest.raises(config.ConfigError, match="unknown keys \\['wieght'\\]"):
+        stream.sources(cfg)
+
+
 def test_worker_processes_give_the_same_batches(dataset):
     inproc = _batches(dataset, n=4)
     workers = _batches(dataset, n=4, workers=2)
