@@ -383,3 +383,58 @@ def test_cli_reports_bad_arguments(folder_dataset, tmp_path, capsys):
     )
     assert build.run(args) == 1
     assert "4 input file(s) do not exist" in capsys.readouterr().err
+
+
+def test_cli_fails_when_a_split_ends_up_with_no_records(tmp_path, capsys):
+    # Every image the CSV names is missing: the build must not report success with 0 records
+    # (training on it died with a ZeroDivisionError), and what it wrote stays for inspection.
+    rows = ["name,text", *(f"img/{i}.png,picture {i}" for i in range(6))]
+    (tmp_path / "caps.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    argv = [
+        "data",
+        "build",
+        "--source",
+        "folder",
+        "--input",
+        str(tmp_path / "caps.csv"),
+        "--out",
+        str(out),
+        "--csv-img-key",
+        "name",
+        "--csv-caption-key",
+        "text",
+        "--num-shards",
+        "2",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
+    for _ in range(2):  # the rerun (shards already finished) fails the same way
+        assert build.run(data_build_parser().parse_args(argv)) == 1
+        captured = capsys.readouterr()
+        err = captured.err.strip()
+        assert "\n" not in err and "wrote" not in captured.out
+        assert err.startswith(f"error: split 'train' of {out} has no records: all 6 input items")
+        assert "missing_image_file: 6" in err and str(tmp_path / "img") in err
+        assert not (out / records.MANIFEST).exists()
+        assert sorted(p.name for p in out.glob("*.arrayrecord")) == [
+            records.shard_name("train", k, 2) for k in range(2)
+        ]
+        assert (out / build.STATE_DIR / "config.json").exists()
+    # One split with records and one without fails as well, naming the empty one.
+    with pytest.raises(build.EmptySplitError, match="split 'val' of .* has no records: all 5"):
+        build.build_dataset(_EmptyVal(), str(tmp_path / "mixed"), progress=False)
+
+
+class _EmptyVal(ListSource):
+    """ListSource whose val split has only undecodable images."""
+
+    def describe(self):
+        return "list source, empty val"
+
+    def read(self, split, units):
+        for item in super().read(split, units):
+            if split == "val" and isinstance(item, dict):
+                item = {**item, "image": b"garbage"}
+            yield item

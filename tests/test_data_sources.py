@@ -125,15 +125,37 @@ def test_folder_bad_column_and_missing_file_errors(tmp_path):
         FolderSource(str(tmp_path / "caps.csv")).rows()
     with pytest.raises(FileNotFoundError, match=r"nope\.csv"):
         FolderSource(str(tmp_path / "nope.csv"))
+    # A field far beyond max_text_bytes (16x: a runaway quote, most likely) fails the file.
     (tmp_path / "huge.csv").write_text("filepath,title\na.jpg,ok\nb.jpg," + "x" * 200_000 + "\n")
     with pytest.raises(ValueError, match=r"huge\.csv: after line 2: field larger than field limit"):
-        FolderSource(str(tmp_path / "huge.csv")).rows()
+        FolderSource(str(tmp_path / "huge.csv"), max_text_bytes=10_000).rows()
     (tmp_path / "caps.txt").write_text("x")
     with pytest.raises(ValueError, match="separator"):
         FolderSource(str(tmp_path / "caps.txt"))
     (tmp_path / "caps.jsonl").write_text(json.dumps({"file": "a.jpg", "title": "t"}) + "\n")
     with pytest.raises(ValueError, match=r"no key\(s\) \['filepath'\]"):
         FolderSource(str(tmp_path / "caps.jsonl")).rows()
+
+
+def test_folder_oversized_captions_are_skipped_and_counted(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(image_bytes())
+    big = "x" * 200_000  # over csv's own 128 KiB field limit, which used to fail the whole file
+    (tmp_path / "caps.csv").write_text(f"filepath,title\na.jpg,first\na.jpg,{big}\na.jpg,third\n")
+    lines = [{"filepath": "a.jpg", "title": t} for t in ("first", [big[:60_000]] * 2, "third")]
+    (tmp_path / "caps.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    for name in ("caps.csv", "caps.jsonl"):
+        source = FolderSource(str(tmp_path / name), max_text_bytes=100_000)
+        assert source.rows()[1].captions is None  # not kept in memory with the rows
+        items = list(source.read("train", source.work_units("train")))
+        assert items[0]["captions"] == ["first"] and items[2]["captions"] == ["third"]
+        assert (
+            items[1].reason == "oversized_text" and "over max_text_bytes=100000" in items[1].detail
+        )
+        manifest = build_quietly(source, tmp_path / f"out-{name}")
+        assert manifest.num_records("train") == 2 and manifest.skipped == {"oversized_text": 1}
+    # Under the limit (by default 1 MB), a long caption is an ordinary caption.
+    items = list(FolderSource(str(tmp_path / "caps.csv")).read("train", range(3)))
+    assert items[1]["captions"] == [big]
 
 
 def test_folder_invalid_label_is_skipped(tmp_path):
@@ -253,6 +275,56 @@ def test_webdataset_input_errors(tmp_path):
     (tmp_path / "junk.tar").write_bytes(b"definitely not a tar archive" * 40)
     items = list(webdataset.iter_tar_samples(str(tmp_path / "junk.tar")))
     assert len(items) == 1 and items[0].reason == "corrupt_tar"
+
+
+def test_webdataset_oversized_text_members_are_skipped_unread(tmp_path):
+    import argparse
+    import tracemalloc
+
+    big = b"x" * 4_000_000
+    write_tar(
+        tmp_path / "s-0.tar",
+        [
+            ("000.jpg", image_bytes()),
+            ("000.txt", b"kept before"),
+            ("001.jpg", image_bytes()),
+            ("001.txt", big),
+            ("002.jpg", image_bytes()),
+            ("002.txt", b"a fine caption"),
+            ("002.json", b'{"caption": "' + big[:1_500_000] + b'"}'),
+            ("003.jpg", image_bytes()),
+            ("003.txt", b"kept after"),
+            ("003.npy", big),  # a member no record uses: passed over unread
+        ],
+    )
+    source = WebDatasetSource(str(tmp_path / "s-0.tar"))
+    tracemalloc.start()
+    try:
+        items = list(source.read("train", source.work_units("train")))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak  # reading the 4 MB members would cost at least that much
+    assert [i.reason if isinstance(i, Skip) else i["captions"] for i in items] == [
+        ["kept before"],
+        "oversized_text",
+        "oversized_text",
+        ["kept after"],
+    ]
+    assert items[1].detail == "s-0.tar:001: txt (4000000 bytes) over max_text_bytes=1000000"
+    assert items[2].detail.startswith("s-0.tar:002: json (1500015 bytes)")
+    manifest = build_quietly(source, tmp_path / "out")
+    assert manifest.num_records("train") == 2 and manifest.skipped == {"oversized_text": 2}
+    # The limit is `jaxclip data build --max-text-bytes`.
+    parser = argparse.ArgumentParser()
+    build.add_arguments(parser)
+    common = ["--source", "webdataset", "--out", "o", "--input", str(tmp_path / "s-0.tar")]
+    assert webdataset.from_args(parser.parse_args(common)).max_text_bytes == 1_000_000
+    args = parser.parse_args([*common, "--max-text-bytes", "10"])
+    items = list(webdataset.from_args(args).read("train", source.work_units("train")))
+    assert [isinstance(i, Skip) for i in items] == [True, True, True, False]  # 11 and 10 bytes
+    with pytest.raises(ValueError, match="max_text_bytes must be a positive integer"):
+        WebDatasetSource(str(tmp_path / "s-0.tar"), max_text_bytes=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -223,3 +223,173 @@ def test_training_crops_agree_with_the_evaluation_resize():
     x0, y0, x1, y1 = box
     assert 0 <= x0 < x1 <= 60 and 0 <= y0 < y1 <= 40 and (x1 - x0) * (y1 - y0) >= 0.3 * 2400 - 60
     assert pipeline.crop_resize(arr, box, 16).shape == (16, 16, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged shards: a record the storage cannot give back is skipped like an undecodable one.
+
+
+def record_chunks(path):
+    """(offset, data size) of each record chunk in the first 64 KiB block of an ArrayRecord file.
+
+    Riegeli's layout: a 24-byte block header every 64 KiB, the file signature chunk up to byte 64,
+    then chunks, each a 40-byte header (header hash, data size, data hash, a type byte and a
+    7-byte record count, decoded size) followed by its data. The writer puts one record per chunk.
+    """
+    import struct
+
+    with open(path, "rb") as f:
+        block = f.read(1 << 16)
+    chunks, pos = [], 64
+    while pos + 40 <= len(block):
+        size, _, kind = struct.unpack_from("<QQQ", block, pos + 8)
+        if kind & 0xFF != ord("r") or pos + 40 + size > len(block):
+            break
+        assert kind >> 8 == 1, "expected one record per chunk"
+        chunks.append((pos, size))
+        pos += 40 + size
+    return chunks
+
+
+def read_each(path):
+    """Every record of a shard, read one at a time, or the error reading it raised."""
+    from array_record.python import array_record_module
+
+    reader = array_record_module.ArrayRecordReader(path)
+    out = []
+    for i in range(reader.num_records()):
+        try:
+            out.append(reader.read([i])[0])
+        except RuntimeError as e:
+            out.append(e)
+    reader.close()
+    return out
+
+
+def copy_dataset(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("_build"))
+    return str(dst)
+
+
+def test_a_corrupt_shard_chunk_is_skipped_counted_and_logged_once(dataset, tmp_path, caplog):
+    import logging
+
+    from array_record.python import array_record_module
+
+    bad = copy_dataset(dataset, tmp_path / "bad")
+    shard = os.path.join(bad, records.shard_name("train", 1, 3))
+    k = 5  # flip 64 bytes in the middle of the sixth record's chunk
+    pos, size = record_chunks(shard)[k]
+    assert size > 400
+    with open(shard, "r+b") as f:
+        f.seek(pos + 40 + 200)
+        flipped = bytes(b ^ 0xFF for b in f.read(64))
+        f.seek(pos + 40 + 200)
+        f.write(flipped)
+    # Read directly, exactly that record fails its chunk's hash (so the test is not vacuous).
+    direct = read_each(shard)
+    failed = [i for i, r in enumerate(direct) if isinstance(r, Exception)]
+    assert failed == [k] and "chunk data hash mismatch" in str(direct[k])
+    # Its twin: the same dataset with that record intact on disk but undecodable. Skipping must
+    # treat the two alike, so they give the same batches and the same skipped counts.
+    twin = copy_dataset(dataset, tmp_path / "twin")
+    twin_shard = os.path.join(twin, records.shard_name("train", 1, 3))
+    raw = read_each(os.path.join(dataset, records.shard_name("train", 1, 3)))
+    raw[k] = b"\xc1 not msgpack"
+    writer = array_record_module.ArrayRecordWriter(twin_shard, "group_size:1")
+    for r in raw:
+        writer.write(r)
+    writer.close()
+
+    with caplog.at_level(logging.WARNING):
+        got = _batches(bad, n=12)  # 96 records, batch 16: two epochs, the record met in each
+    # Logged once, naming the shard, however often the record is met.
+    warnings = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(warnings) == 1 and shard in warnings[0] and f"record {k}" in warnings[0]
+    again, expected = _batches(bad, n=12), _batches(twin, n=12)
+    halves = [_batches(bad, host_index=h, host_count=2, n=12) for h in (0, 1)]
+    skipped = [int(b["skipped"]) for b in got]
+    assert sum(skipped) >= 2 and skipped == [int(b["skipped"]) for b in expected]
+    for s, (x, y, z) in enumerate(zip(got, again, expected)):
+        assert x["image"].shape == (16, 32, 32, 3)
+        for key in ("image", "text"):
+            np.testing.assert_array_equal(x[key], y[key])
+            np.testing.assert_array_equal(x[key], z[key])
+        joined = np.concatenate([halves[0][s]["image"], halves[1][s]["image"]])
+        np.testing.assert_array_equal(joined, x["image"])
+
+
+def test_a_shard_that_cannot_be_opened_reads_as_unreadable_records(dataset, tmp_path, caplog):
+    import logging
+
+    copy = copy_dataset(dataset, tmp_path / "copy")
+    shards = records.split_shards(copy, "train")
+    # Shard 0 loses its tail (the index ArrayRecord keeps at the end), shard 2 disappears after
+    # the start; shard 1 is intact. grain's own source would count shard 0 as empty and shift
+    # every later record; here the indices hold and only the damaged shards' records are lost.
+    path0 = shards[0][0]
+    os.truncate(path0, os.path.getsize(path0) - 70_000)
+    os.remove(shards[2][0])
+    source = records.ShardSource(shards)
+    with caplog.at_level(logging.WARNING):
+        got = [source[i] for i in range(len(source))] + [source[0]]
+    n0, n1 = shards[0][1], shards[1][1]
+    assert all(isinstance(r, records.Unreadable) for r in got[:n0] + got[n0 + n1:])
+    assert got[n0:n0 + n1] == read_each(shards[1][0])
+    warnings = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(warnings) == 2 and path0 in warnings[0] and shards[2][0] in warnings[1]
+    assert "No such file" in warnings[1]
+    # Loader processes get a pickled copy: the same records, readers opened afresh there.
+    import pickle
+
+    assert [pickle.loads(pickle.dumps(source))[i] for i in range(len(source))] == got[:-1]
+
+
+def test_a_batch_with_nothing_readable_is_a_clear_error(dataset, tmp_path):
+    copy = copy_dataset(dataset, tmp_path / "copy")
+    for path, _ in records.split_shards(copy, "train"):
+        with open(path, "r+b") as f:
+            f.truncate(1000)  # the index is gone: no record of any shard can be found
+    with pytest.raises(RuntimeError, match="records in a row, from stream index 0 on, could "
+                       "not be read or decoded .*train-0000.-of-00003.arrayrecord: cannot open"):
+        _batches(copy, n=1)
+
+
+def test_a_dataset_without_usable_records_is_a_config_error_at_startup(dataset, tmp_path):
+    from jaxclip import config
+    from jaxclip.data import stream
+
+    cfg = config.defaults()
+    cfg.data.train.dataset = dataset
+    assert stream.check_sources(cfg) == [(dataset, "train", 1.0)]
+    # What an earlier builder wrote when every input was skipped: a manifest with no records.
+    empty = str(tmp_path / "empty")
+    os.makedirs(empty)
+    name = records.shard_name("train", 0, 1)
+    records.write_shard(os.path.join(empty, name), [])
+    records.write_manifest(empty, records.Manifest(splits={
+        "train": {"num_records": 0, "shards": [{"file": name, "count": 0}]}}))
+    cfg.data.train.dataset = empty
+    with pytest.raises(config.ConfigError, match=f"'{empty}' split 'train' has no records"):
+        stream.check_sources(cfg)
+    with pytest.raises(ValueError, match="has no records"):  # not a ZeroDivisionError
+        pipeline.record_stream([(empty, "train", 1.0)], seed=0)
+    cases = [
+        (str(tmp_path / "gone"), "train", "gone.* neither a dataset directory"),
+        (str(tmp_path), "train", "manifest.json is missing"),
+        (dataset, "test", r"has no split 'test'; it has \['novel', 'train', 'val'\]"),
+    ]
+    for directory, split, message in cases:
+        cfg.data.train.update(dataset=directory, split=split)
+        with pytest.raises(config.ConfigError, match=message) as e:
+            stream.check_sources(cfg)
+        assert directory in str(e.value) and "\n" not in str(e.value)
+    os.remove(os.path.join(empty, name))
+    cfg.data.train.update(dataset=empty, split="train")
+    with pytest.raises(config.ConfigError, match="lacks shards"):
+        stream.check_sources(cfg)
+    cfg.data.train.mixture = [dict(dataset=dataset, weight=0)]
+    with pytest.raises(config.ConfigError, match="weight 0.0; weights must be positive"):
+        stream.check_sources(cfg)

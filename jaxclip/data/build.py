@@ -19,7 +19,10 @@ How it works:
   Undecodable images and bad input items are skipped and counted per reason (manifest `skipped`,
   with examples in `info`); they never stop the build. Images larger than `max_image_size` are
   shrunk and re-encoded (JPEG, or PNG when they have transparency); formats other than
-  JPEG/PNG/WebP are re-encoded as PNG.
+  JPEG/PNG/WebP are re-encoded as PNG. Caption and metadata text over `--max-text-bytes` is
+  skipped and counted too, without being read into memory.
+- Never empty: a split left with no records is an error (`EmptySplitError`). The manifest is not
+  written, so the directory cannot be trained on; the shards stay for inspection.
 
 The CLI mounts `add_arguments` / `run`; configs call `build_dataset`, or `ensure_fashion_mnist` /
 `ensure_emoji` to build a cache directory on first use (idempotent, safe against concurrent and
@@ -47,12 +50,17 @@ from typing import Any
 from jaxclip.data import records
 from jaxclip.data.sources import MODULES, Skip, Source
 from jaxclip.data.sources.checks import ImageOptions, finish_record
+from jaxclip.data.sources.common import DEFAULT_MAX_TEXT_BYTES
 from jaxclip.data.sources.emoji import EmojiSource
 from jaxclip.data.sources.fashion_mnist import FashionMnistSource
 
 BUILDER_VERSION = 1
 STATE_DIR = "_build"
 _EXAMPLES_PER_REASON = 5
+
+
+class EmptySplitError(ValueError):
+    """Every input item of a split was skipped: the build produced nothing to train on."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,8 +249,31 @@ def build_dataset(
             )
         )
         manifest = _manifest(source, out_dir, shards, results, config, digest, command)
+        _check_not_empty(manifest, out_dir)
         records.write_manifest(out_dir, manifest)
         return manifest
+
+
+def _check_not_empty(manifest: records.Manifest, out_dir: str) -> None:
+    """Raises EmptySplitError, in one line, for a split without records.
+
+    Before the manifest is written: a directory without one is not a dataset, so training on it
+    fails at once instead of dividing by its zero records. A rerun does not rebuild the shards
+    (they are finished) and fails the same way until the inputs are fixed.
+    """
+    for split, entry in manifest.splits.items():
+        if entry["num_records"]:
+            continue
+        skipped = manifest.info["skipped_by_split"].get(split, {})
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
+        top = max(skipped, key=skipped.get, default=None)
+        example = (manifest.info["skip_examples"].get(top) or [""])[0] if top else ""
+        raise EmptySplitError(
+            f"split {split!r} of {out_dir} has no records: all {sum(skipped.values())} input "
+            f"items were skipped ({reasons or 'none given'}"
+            + (f"; e.g. {top}: {example}" if example else "")
+            + "); no manifest was written, the shards are left in place"
+        )
 
 
 def _claim(state_dir: str, config: dict[str, Any]) -> None:
@@ -468,6 +499,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=90,
         help="JPEG quality for re-encoded images (default: 90)",
+    )
+    parser.add_argument(
+        "--max-text-bytes",
+        type=int,
+        default=DEFAULT_MAX_TEXT_BYTES,
+        help="skip (and count) samples whose caption or metadata text is larger than this, "
+        "without reading it (webdataset members, folder captions; default: "
+        f"{DEFAULT_MAX_TEXT_BYTES})",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     for module in MODULES.values():

@@ -16,8 +16,9 @@ Per element (unavoidably Python): msgpack decode, image decode and crop/resize (
 (vectorised): caption tokenisation (`encode_batch`) and stacking. Images leave the host as uint8;
 normalisation to float happens on device (`normalize_images`), a quarter of the transfer.
 
-A record that cannot be decoded is skipped: its slot is filled by a later element of the stream
-(deterministically), and the batch's `skipped` count reports it so the trainer can log it.
+A record that cannot be read (a corrupt shard chunk, see `records.ShardSource`) or decoded is
+skipped: its slot is filled by a later element of the stream (deterministically), and the batch's
+`skipped` count reports it so the trainer can log it.
 """
 
 from __future__ import annotations
@@ -232,18 +233,25 @@ class StepBatches(grain.MapDataset):
         for j in range(self._b):
             index = first + j
             for attempt in range(_MAX_REPLACEMENTS + 1):
-                try:
-                    img, text = self._transform(self._stream[index], index)
-                    break
-                except (records.CorruptRecordError, OSError, ValueError) as e:
-                    skipped += 1
-                    logging.warning("skipping undecodable record at stream index %d: %s",
-                                    index, e)
-                    # Look past this batch for the replacement, so batch order is unaffected.
-                    index += self._B * (attempt + 1) + 1
+                raw = self._stream[index]
+                if isinstance(raw, records.Unreadable):
+                    last = raw.where  # the source logged it, once per record or shard
+                else:
+                    try:
+                        img, text = self._transform(raw, index)
+                        break
+                    except (records.CorruptRecordError, OSError, ValueError) as e:
+                        last = str(e)
+                        logging.warning("skipping undecodable record at stream index %d: %s",
+                                        index, e)
+                skipped += 1
+                # Look past this batch for the replacement, so batch order is unaffected.
+                index += self._B * (attempt + 1) + 1
             else:
-                raise RuntimeError(f"{_MAX_REPLACEMENTS} consecutive undecodable records near "
-                                   f"stream index {first + j}: is the dataset corrupt?")
+                raise RuntimeError(
+                    f"step {step}: {_MAX_REPLACEMENTS + 1} records in a row, from stream index "
+                    f"{first + j} on, could not be read or decoded (the last: {last}); are the "
+                    "dataset's shards corrupt or gone?")
             images.append(img)
             texts.append(text)
         tokens = self._tokenizer(texts, context_length=self._context_length)
@@ -252,8 +260,12 @@ class StepBatches(grain.MapDataset):
 
 
 def record_source(directory: str, split: str) -> grain.MapDataset:
-    paths = records.shard_paths(directory, split)
-    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+    source = records.ShardSource(records.split_shards(directory, split))
+    if not len(source):
+        raise ValueError(f"dataset {directory!r} split {split!r} has no records (its manifest "
+                         "lists none): nothing to train on; rebuild it from inputs that hold "
+                         "usable records")
+    return grain.MapDataset.source(source)
 
 
 def record_stream(sources: Sequence[tuple[str, str, float]], seed: int) -> grain.MapDataset:

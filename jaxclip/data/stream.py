@@ -7,6 +7,7 @@ check that those invariants still hold (the datasets are identified by content, 
 restart may mount them elsewhere). `stream_state` is what a checkpoint records;
 `check_stream_state` refuses a resume that would silently change the data order. The number of
 hosts and of loader workers may change between runs: neither affects the batches.
+`check_sources` is the trainer's early check that every source can give batches at all.
 """
 
 from __future__ import annotations
@@ -33,6 +34,37 @@ def sources(cfg) -> list[tuple[str, str, float]]:
         out.append((pipeline.dataset_dir(e["dataset"], d.cache_dir), e.get("split", "train"),
                     float(e.get("weight", 1.0))))
     return out
+
+
+def check_sources(cfg) -> list[tuple[str, str, float]]:
+    """The training sources, checked before anything expensive is built; raises ConfigError.
+
+    Every source must be a dataset directory (or a built-in name, built here) whose manifest
+    lists the split, whose shard files exist, and which holds at least one record, and its
+    weight must be positive. The error is one line naming the dataset, split and directory:
+    without this, a dataset built from inputs that were all skipped fails minutes later, deep
+    inside the input pipeline.
+    """
+    try:
+        srcs = sources(cfg)
+    except config.ConfigError:
+        raise
+    except ValueError as e:  # an empty, unknown or unbuildable dataset name
+        raise config.ConfigError(f"data.train: {e}") from None
+    for directory, split, weight in srcs:
+        where = f"training dataset {directory!r} split {split!r}"
+        try:
+            total = sum(count for _, count in records.split_shards(directory, split))
+        except KeyError as e:
+            raise config.ConfigError(e.args[0]) from None
+        except (OSError, ValueError) as e:  # no manifest, shards gone, a foreign format
+            raise config.ConfigError(f"{where}: {e}") from None
+        if total == 0:
+            raise config.ConfigError(f"{where} has no records (its manifest lists none): "
+                                     "nothing to train on; rebuild it from usable inputs")
+        if not weight > 0:
+            raise config.ConfigError(f"{where} has weight {weight}; weights must be positive")
+    return srcs
 
 
 def seed(cfg) -> int:

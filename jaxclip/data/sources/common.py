@@ -27,6 +27,11 @@ import numpy as np
 
 Record = dict[str, Any]
 
+# Caption and metadata text larger than this is skipped (reason "oversized_text"), not read: real
+# captions are well under a kilobyte, and one runaway member (a 200 MB .txt) would otherwise cost
+# its size several times over in memory, then sit in a record that every epoch decodes.
+DEFAULT_MAX_TEXT_BYTES = 1_000_000
+
 
 @dataclasses.dataclass(frozen=True)
 class Skip:
@@ -130,6 +135,17 @@ def clean_captions(value: Any) -> list[str]:
         if isinstance(item, str) and item.strip():
             captions.append(item.strip())
     return captions
+
+
+def check_text_limit(max_text_bytes: int) -> None:
+    if not isinstance(max_text_bytes, int) or max_text_bytes < 1:
+        raise ValueError(f"max_text_bytes must be a positive integer, got {max_text_bytes!r}")
+
+
+def text_limit(args) -> int:
+    """--max-text-bytes of `jaxclip data build`, or the default when the parser has no such flag."""
+    value = getattr(args, "max_text_bytes", None)
+    return DEFAULT_MAX_TEXT_BYTES if value is None else value
 
 
 def check_split_name(split: str) -> str:

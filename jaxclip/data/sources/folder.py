@@ -10,6 +10,9 @@ Image paths are taken relative to `images_root` (by default the annotation file'
 they are absolute. A JSONL caption may be a string or a list of strings (kept as several
 captions); a CSV caption is one string. Optional columns give the record id and integer labels.
 
+A caption (all of a row's captions together) larger than `max_text_bytes` skips its row as
+`oversized_text`, and is dropped as soon as the row is parsed rather than kept with the rows.
+
 Rows are the units of work: `work_units` is `range(num_rows)`, so shards are contiguous row
 ranges. The annotation file is parsed once per process and cached.
 """
@@ -24,9 +27,19 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from jaxclip.data.sources.common import Record, Skip, check_split_name, clean_captions, shards_for
+from jaxclip.data.sources.common import (
+    DEFAULT_MAX_TEXT_BYTES,
+    Record,
+    Skip,
+    check_split_name,
+    check_text_limit,
+    clean_captions,
+    shards_for,
+    text_limit,
+)
 
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
+_CSV_FIELD_FACTOR = 16  # the longest CSV field parsed, in multiples of max_text_bytes
 _SEPARATORS = {".tsv": "\t", ".csv": ","}
 
 
@@ -39,6 +52,7 @@ class Row:
     id: Any = None
     labels: dict[str, Any] = dataclasses.field(default_factory=dict)
     error: str = ""
+    oversized: int = 0  # the caption's size in bytes when over the limit (captions then None)
 
 
 @dataclasses.dataclass
@@ -51,10 +65,12 @@ class FolderSource:
     id_key: str | None = None
     label_keys: tuple[str, ...] = ()
     split: str = "train"
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
     _rows: list[Row] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         check_split_name(self.split)
+        check_text_limit(self.max_text_bytes)
         self.label_keys = tuple(self.label_keys)
         if not os.path.isfile(self.annotations):
             raise FileNotFoundError(f"annotation file {self.annotations!r} does not exist")
@@ -93,6 +109,17 @@ class FolderSource:
         return self._rows
 
     def _parse_csv(self) -> list[Row]:
+        # csv's own field limit (128 KiB by default) fails the whole file on one long caption.
+        # Raised for this parse so that rows stay delimited and an oversized caption costs only
+        # its row; a field beyond even this (a runaway quote, most likely) still fails the file.
+        limit = csv.field_size_limit()
+        csv.field_size_limit(max(limit, _CSV_FIELD_FACTOR * self.max_text_bytes))
+        try:
+            return self._parse_csv_rows()
+        finally:
+            csv.field_size_limit(limit)
+
+    def _parse_csv_rows(self) -> list[Row]:
         with open(self.annotations, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, delimiter=self._separator())
             header = reader.fieldnames or []
@@ -135,9 +162,12 @@ class FolderSource:
         return rows
 
     def _row(self, values: dict[str, Any]) -> Row:
+        captions = values.get(self.caption_key)
+        size = _text_size(captions)
         return Row(
             image=values.get(self.image_key),
-            captions=values.get(self.caption_key),
+            captions=None if size > self.max_text_bytes else captions,
+            oversized=size if size > self.max_text_bytes else 0,
             id=values.get(self.id_key) if self.id_key else None,
             labels={k: values.get(k) for k in self.label_keys},
         )
@@ -146,7 +176,7 @@ class FolderSource:
         return (
             f"folder: {os.path.abspath(self.annotations)} images_root={self._root()} "
             f"image_key={self.image_key} caption_key={self.caption_key} id_key={self.id_key} "
-            f"label_keys={list(self.label_keys)}"
+            f"label_keys={list(self.label_keys)} max_text_bytes={self.max_text_bytes}"
         )
 
     def splits(self) -> tuple[str, ...]:
@@ -175,6 +205,12 @@ class FolderSource:
             return Skip("bad_annotation_row", f"{self.annotations} {row.error}")
         if not isinstance(row.image, str) or not row.image.strip():
             return Skip("missing_image_path", where)
+        if row.oversized:
+            return Skip(
+                "oversized_text",
+                f"{where}: caption of {row.oversized} bytes over max_text_bytes="
+                f"{self.max_text_bytes}",
+            )
         captions = clean_captions(row.captions)
         if not captions:
             return Skip("missing_caption", where)
@@ -207,6 +243,13 @@ class FolderSource:
             "labels": labels,
             "meta": meta,
         }
+
+
+def _text_size(value: Any) -> int:
+    """UTF-8 size of a caption field: a string, or the strings of a list (JSONL)."""
+    items = value if isinstance(value, list) else [value]
+    # surrogatepass: a lone surrogate escaped in JSON must not raise here (cleaning drops it).
+    return sum(len(v.encode("utf-8", "surrogatepass")) for v in items if isinstance(v, str))
 
 
 def _as_int(value: Any) -> int:
@@ -265,4 +308,5 @@ def from_args(args: argparse.Namespace) -> FolderSource:
         id_key=args.csv_id_key,
         label_keys=tuple(k for k in (args.csv_label_keys or "").split(",") if k),
         split=args.split or "train",
+        max_text_bytes=text_limit(args),
     )

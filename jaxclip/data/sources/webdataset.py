@@ -4,7 +4,9 @@ A sample is the run of consecutive tar members sharing a key, the member name up
 dot of its base name: `000123.jpg`, `000123.txt`, `000123.json`. The image is the first member
 with an image extension (jpg/jpeg/png/webp by default); the caption comes from the `txt` member,
 or else from a field of the `json` member (`caption` by default; a string or a list of strings);
-an optional `cls` member gives an integer class label.
+an optional `cls` member gives an integer class label. Other members are passed over unread, and
+a text member (txt, json, cls) larger than `max_text_bytes` skips its sample as `oversized_text`
+without being read: its size is in the member's header.
 
 Inputs are paths with `{000..999}` / `{a,b}` brace patterns (expanded here, without the
 webdataset package) and/or shell globs. The tar files are the units of work; each is read
@@ -24,9 +26,26 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from jaxclip.data.sources.common import Record, Skip, check_split_name, clean_captions
+from jaxclip.data.sources.common import (
+    DEFAULT_MAX_TEXT_BYTES,
+    Record,
+    Skip,
+    check_split_name,
+    check_text_limit,
+    clean_captions,
+    text_limit,
+)
 
 DEFAULT_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+TEXT_EXTS = ("txt", "json", "cls")  # the other members a record is made of
+
+
+@dataclasses.dataclass(frozen=True)
+class Oversized:
+    """A text member left unread because its header says it is larger than the limit."""
+
+    size: int
+
 
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
@@ -117,8 +136,17 @@ def split_member_name(name: str) -> tuple[str, str]:
     return key, ext.lower() if dot else ""
 
 
-def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]] | Skip]:
-    """Groups consecutive members by key; a tar broken mid-way ends with a `corrupt_tar` Skip."""
+def iter_tar_samples(
+    path: str,
+    image_exts: Sequence[str] = DEFAULT_IMAGE_EXTS,
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
+) -> Iterator[tuple[str, dict[str, bytes | Oversized | None]] | Skip]:
+    """Groups consecutive members by key; a tar broken mid-way ends with a `corrupt_tar` Skip.
+
+    Only what a record uses is read: image members, and text members up to `max_text_bytes`. A
+    larger text member maps to `Oversized`, any other member to None; streaming tarfile passes
+    over unread data in small blocks, so a huge member never sits in memory whole.
+    """
     key, sample = None, {}
     try:
         with tarfile.open(path, mode="r|*") as tar:
@@ -130,8 +158,13 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]] | Skip]
                     if sample:
                         yield key, sample
                     key, sample = member_key, {}
-                handle = tar.extractfile(member)
-                sample[ext] = handle.read() if handle is not None else b""
+                if ext in TEXT_EXTS and member.size > max_text_bytes:
+                    sample[ext] = Oversized(member.size)
+                elif ext in TEXT_EXTS or ext in image_exts:
+                    handle = tar.extractfile(member)
+                    sample[ext] = handle.read() if handle is not None else b""
+                else:
+                    sample[ext] = None
     except (tarfile.TarError, OSError, EOFError) as e:
         # Samples completed before the damage were yielded; the one being read (possibly missing
         # members) and whatever followed it are lost, and counted as this one skip.
@@ -147,12 +180,14 @@ class WebDatasetSource:
     caption_field: str = "caption"
     image_exts: tuple[str, ...] = DEFAULT_IMAGE_EXTS
     split: str = "train"
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
     _paths: list[str] | None = dataclasses.field(
         default=None, init=False, repr=False, compare=False
     )
 
     def __post_init__(self):
         check_split_name(self.split)
+        check_text_limit(self.max_text_bytes)
         self.inputs = (self.inputs,) if isinstance(self.inputs, str) else tuple(self.inputs)
         self.image_exts = tuple(e.lower().lstrip(".") for e in self.image_exts)
         self.paths()  # fail now, not in a worker, when the patterns name nothing
@@ -165,7 +200,8 @@ class WebDatasetSource:
     def describe(self) -> str:
         return (
             f"webdataset: {list(self.inputs)} ({len(self.paths())} tar files) "
-            f"caption_field={self.caption_field} image_exts={list(self.image_exts)}"
+            f"caption_field={self.caption_field} image_exts={list(self.image_exts)} "
+            f"max_text_bytes={self.max_text_bytes}"
         )
 
     def splits(self) -> tuple[str, ...]:
@@ -186,14 +222,22 @@ class WebDatasetSource:
     def read(self, split: str, units: Sequence[str]) -> Iterator[Record | Skip]:
         for path in units:
             name = os.path.basename(path)
-            for item in iter_tar_samples(path):
+            for item in iter_tar_samples(path, self.image_exts, self.max_text_bytes):
                 if isinstance(item, Skip):
                     yield item
                 else:
                     yield self._record(name, *item)
 
-    def _record(self, tar_name: str, key: str, sample: dict[str, bytes]) -> Record | Skip:
+    def _record(
+        self, tar_name: str, key: str, sample: dict[str, bytes | Oversized | None]
+    ) -> Record | Skip:
         where = f"{tar_name}:{key}"
+        oversized = [f"{e} ({v.size} bytes)" for e, v in sample.items() if isinstance(v, Oversized)]
+        if oversized:
+            return Skip(
+                "oversized_text",
+                f"{where}: {', '.join(oversized)} over max_text_bytes={self.max_text_bytes}",
+            )
         image_ext = next((e for e in self.image_exts if e in sample), None)
         if image_ext is None:
             return Skip("missing_image", f"{where} has members {sorted(sample)}")
@@ -256,4 +300,5 @@ def from_args(args: argparse.Namespace) -> WebDatasetSource:
         caption_field=args.wds_caption_field or "caption",
         image_exts=exts,
         split=args.split or "train",
+        max_text_bytes=text_limit(args),
     )
