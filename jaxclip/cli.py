@@ -7,7 +7,8 @@
     jaxclip convert --from hf|open_clip SRC --out DIR [--context-length N]
 
 Config overrides are `--config.<dotted key>=<value>` (or `--config.<key> <value>`); a key that is
-not in the schema or a value of the wrong type is an error naming the key.
+not in the schema or a value of the wrong type is an error naming the key. Errors are one line
+(exit 2: usage or config; 1: a runtime failure); `--debug` or JAXCLIP_DEBUG=1 shows tracebacks.
 """
 
 from __future__ import annotations
@@ -175,7 +176,30 @@ def _compilation_cache() -> None:
                                                                 "xla"))
 
 
+# Exit codes: 0 done, 1 a runtime failure, 2 a usage or config error (argparse's code too),
+# 143 preempted (checkpoint written; rerun to resume), 3 hung (jaxclip.watchdog).
+EXIT_RUNTIME, EXIT_USAGE = 1, 2
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    from jaxclip.checkpoint import CheckpointMismatchError
+
+    return (config.ConfigError, CheckpointMismatchError, FileNotFoundError, NotADirectoryError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) if isinstance(e, config.ConfigError | OSError) else f"{type(e).__name__}: {e}"
+    if isinstance(e, KeyError) and e.args:  # KeyError's str() quotes its message
+        text = f"{type(e).__name__}: {e.args[0]}"
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs a subcommand. A failure is one line on stderr (what went wrong, with a hint) and an
+    exit code; the traceback only with --debug or JAXCLIP_DEBUG=1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("JAXCLIP_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("absl", "jax._src", "orbax", "grain"):
@@ -183,7 +207,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     _compilation_cache()
-    return args.fn(args, extra)
+    name = " ".join(a for a in (args.command, getattr(args, "data_command", None)) if a)
+    try:
+        return args.fn(args, extra)
+    except SystemExit as e:
+        if isinstance(e.code, str):  # our own usage errors carry their message
+            print(e.code if e.code.startswith("jaxclip") else f"jaxclip {name}: {e.code}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        raise
+    except KeyboardInterrupt:
+        print(f"jaxclip {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        code = EXIT_USAGE if isinstance(e, _usage_errors()) else EXIT_RUNTIME
+        print(f"jaxclip {name}: error: {_one_line(e)}", file=sys.stderr)
+        print("  (rerun with --debug or JAXCLIP_DEBUG=1 for the traceback)", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -251,6 +251,9 @@ def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ConfigDict:
     module = _load_module(path)
     takes_arg = bool(inspect.signature(module.get_config).parameters)
     user = module.get_config(arg or None) if takes_arg else module.get_config()
+    if not isinstance(user, dict | ConfigDict):
+        raise ConfigError(f"get_config() in {path} returned {type(user).__name__}, not a "
+                          "ConfigDict (is a `return config` missing?)")
     cfg = defaults()
     name = user.get("model", {}).get("name", "")
     for item in overrides:

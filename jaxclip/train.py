@@ -25,10 +25,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
-from jaxclip import checkpoint, config, flops, losses, optim, sharding, tree
+from jaxclip import checkpoint, config, flops, losses, optim, runlock, sharding, tree
 from jaxclip.data import pipeline, stream
 from jaxclip.metrics import Goodput, LogWindow, MetricWriter, NonFiniteLossError
 from jaxclip.models import build_model
@@ -210,39 +211,109 @@ def _setup_metrics(compiled, cfg, n_dev: int, flops_per_sample: float, peak: flo
     return {f"setup/{k}": v for k, v in out.items()}
 
 
+def preflight(cfg) -> dict:
+    """Checks everything about `cfg` that can fail before anything is written or built: the
+    objective and its implementation, the mesh against the devices and the batch, the datasets
+    (present and non-empty), the tokenizer and the evaluators. Raises ConfigError naming the key.
+    Returns what it built on the way (mesh, tokenizer) for the run to reuse."""
+    from jaxclip import evals
+
+    try:
+        losses.total_objective(cfg.loss)
+    except (KeyError, ValueError) as e:
+        raise config.ConfigError(f"loss: {e.args[0] if e.args else e}") from None
+    try:
+        mesh = sharding.make_mesh(cfg.mesh)
+    except ValueError as e:
+        raise config.ConfigError(f"mesh: {e}") from None
+    divisor = sharding.batch_divisor(mesh)
+    if cfg.train.batch_size % divisor or cfg.train.batch_size % jax.process_count():
+        raise config.ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is not divisible by the {divisor} devices "
+            f"of the mesh's batch axes (data x fsdp) and the {jax.process_count()} processes")
+    for name, e in cfg.evals.items():
+        try:
+            evals.resolve(name, e)
+        except ValueError as err:
+            raise config.ConfigError(str(err)) from None
+    stream.check_sources(cfg)  # datasets exist, are built and hold usable records
+    return {"mesh": mesh, "tokenizer": make_tokenizer(cfg)}
+
+
+def _lock_workdir(workdir: str) -> runlock.WorkdirLock | None:
+    """The workdir's lock, taken by process 0; every process raises if it is held elsewhere."""
+    lock, error = None, ""
+    if jax.process_index() == 0:
+        try:
+            lock = runlock.WorkdirLock(workdir).acquire()
+        except runlock.WorkdirLockedError as e:
+            error = str(e)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if not bool(multihost_utils.broadcast_one_to_all(np.int32(not error))):
+            error = error or f"workdir {workdir} is in use by another trainer (see process 0)"
+    if error:
+        raise runlock.WorkdirLockedError(error)
+    return lock
+
+
+def _write_config(workdir: str, cfg) -> None:
+    """WORKDIR/config.json: the config being trained (written atomically, process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
+        f.write(config.to_json(cfg))
+    os.replace(path + ".tmp", path)
+
+
 def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
     """Trains `cfg` in `workdir` (resuming if it holds a checkpoint); returns the last metrics.
 
     `stop_at` ends this invocation early at that step with a checkpoint (for time-limited jobs);
     the schedule still spans `train.steps`, and a later invocation continues from there.
     Raises `Preempted` after checkpointing when SIGTERM/SIGINT arrives (see jaxclip.preemption).
-    """
-    from jaxclip.evals import Evaluators
 
+    Order: the whole config is checked first (`preflight`), then the workdir is locked against a
+    second trainer, then the state is restored or initialised; only then is WORKDIR/config.json
+    written. A failed start leaves the workdir as it was.
+    """
     invocation_start = time.perf_counter()
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(cfg))
-    m = build(cfg)
-    n_dev = m.mesh.size
-    divisor = sharding.batch_divisor(m.mesh)
-    if cfg.train.batch_size % divisor:
-        raise config.ConfigError(
-            f"train.batch_size={cfg.train.batch_size} is not divisible by the {divisor} devices "
-            "of the mesh's batch axes (data x fsdp)")
+    checked = preflight(cfg)
+    lock = _lock_workdir(workdir)
+    try:
+        return _train_locked(cfg, workdir, stop_at, checked, invocation_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg, workdir: str, stop_at: int | None, checked: dict,
+                  invocation_start: float) -> dict:
+    m = build(cfg, checked["mesh"])
     ckpt = checkpoint.Checkpointer(workdir, every=cfg.train.ckpt_every, keep=cfg.train.keep_ckpts,
                                    keep_every=cfg.train.keep_every)
-    writer = MetricWriter(workdir)
-    tokenizer = make_tokenizer(cfg)
-    evaluators = Evaluators(cfg, m, tokenizer)
+    try:
+        return _run(cfg, workdir, stop_at, m, ckpt, checked["tokenizer"], invocation_start)
+    finally:
+        ckpt.close()
 
+
+def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invocation_start) -> dict:
+    from jaxclip.evals import Evaluators
+
+    n_dev = m.mesh.size
     t0 = time.perf_counter()
-    restored = ckpt.restore_newest(m.abstract_state)
+    restored = ckpt.restore_newest(m.abstract_state, current_config=cfg.to_dict())
     if restored is not None:
         start, items = restored
         state = items["state"]
         stream.check_stream_state(cfg, items["data"])
+        if changed := checkpoint.config_differences(items.get("config"), cfg.to_dict()):
+            logging.warning("resuming step %d with config keys that differ from the "
+                            "checkpoint's (the state fits, so this is allowed): %s", start,
+                            "; ".join(changed[:10]))
         goodput = Goodput.from_dict(items.get("progress", {}).get("goodput"))
         goodput.restore_s += time.perf_counter() - t0
         logging.info("resumed from step %d in %s", start, workdir)
@@ -256,6 +327,9 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
             logging.info("initialised %s from %s", cfg.init.select or "all parameters",
                          cfg.init.path)
         goodput.init_s += time.perf_counter() - t0
+    _write_config(workdir, cfg)  # only now: the run has started from a state that fits it
+    writer = MetricWriter(workdir)
+    evaluators = Evaluators(cfg, m, tokenizer)
     prior_total = goodput.total_s
 
     def account_wall() -> None:
@@ -350,6 +424,5 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
         watcher.close()
         if progress is not None:
             progress.close()
-        ckpt.close()
         writer.close()
     return last_logged

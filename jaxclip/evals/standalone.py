@@ -5,11 +5,12 @@
     jaxclip eval --workdir runs/fm --config configs/fashion_mnist.py \
         --config.evals.test.max_examples=1000
 
-The config is WORKDIR/config.json (what the run resolved and trained with) unless --config is
-given; `--config.<key>=<value>` overrides apply on top either way, so evaluators can be added or
-changed for an old run. Only the parameters are restored (not the optimizer state), onto the mesh
-of the current devices, whatever mesh wrote them. Metrics are printed as a table and written to
-WORKDIR/eval_<step>.json (or --out).
+The config is the one stored in the checkpoint (what its weights were trained with) unless
+--config is given; `--config.<key>=<value>` overrides apply on top either way, so evaluators can
+be added or changed for an old run. Only the parameters are restored (not the optimizer state),
+onto the mesh of the current devices, whatever mesh wrote them; a damaged newest checkpoint is
+skipped with a warning, as the trainer does, and nothing in WORKDIR is moved. Metrics are printed
+as a table and written to WORKDIR/eval_<step>.json (or --out).
 
 WORKDIR may also be imported weights: a `jaxclip convert` output, a HF CLIPModel or an open_clip
 directory. The model, tokenizer and image preprocessing then come from the weights and the
@@ -64,81 +65,31 @@ def _quiet_orbax():
             lg.removeFilter(note)
 
 
-def load_config(workdir: str, spec: str | None, overrides: list[str]) -> config.ConfigDict:
-    """The experiment config: the file `spec`, else WORKDIR/config.json; then the overrides."""
-    if spec:
-        return config.load(spec, overrides)
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist; pass --config (is {workdir!r} a jaxclip "
-                                "workdir?)")
-    with open(path) as f:
-        cfg = config.from_dict(json.load(f))
+def _with_overrides(cfg: config.ConfigDict, overrides: list[str]) -> config.ConfigDict:
     for item in overrides:
         config.apply_override(cfg, item)
     config.validate(cfg)
     return cfg
 
 
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.abspath(os.path.join(workdir, "checkpoints"))
+def restore_params(workdir: str, config_spec: str | None = None, overrides: list[str] = (),
+                   step: int | None = None) -> tuple[config.ConfigDict, dict, int]:
+    """(config, full parameter tree, step) of a checkpoint in WORKDIR (default: the newest
+    intact one; a damaged newest checkpoint is skipped with a warning, nothing is moved).
 
+    The config is the file `config_spec` when given, else the one stored in the checkpoint (what
+    its weights were trained with), with `overrides` applied either way. Only the parameters are
+    restored (jaxclip.checkpoint.read_params), on the config's mesh over the current devices:
+    the optimizer state is not read, so its config need not match and it costs no memory."""
+    from jaxclip.interop import workdir as run_dir
 
-def _manager(workdir: str):
-    import orbax.checkpoint as ocp
+    chosen = config.load(config_spec, list(overrides)) if config_spec else None
 
-    directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no checkpoints in {workdir!r} ({directory} does not exist)")
-    # read_only: evaluation must never create, prune or clean up anything in a run's directory
-    # (a training job may be writing its next checkpoint there right now).
+    def make_config(saved: config.ConfigDict) -> config.ConfigDict:
+        return chosen if chosen is not None else _with_overrides(saved, list(overrides))
+
     with _quiet_orbax():
-        return ocp.CheckpointManager(
-            directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True))
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-    manager = _manager(workdir)
-    try:
-        return sorted(manager.all_steps())
-    finally:
-        manager.close()
-
-
-def restore_params(model, workdir: str, step: int | None = None) -> tuple[dict, int]:
-    """(full parameter tree, step) of a checkpoint in WORKDIR (default: the latest).
-
-    Restores only the `params` and `frozen` parts of the saved TrainState (jaxclip.checkpoint's
-    "state" item), placed with `model`'s parameter shardings on the current devices; the optimizer
-    state is not read, so its config need not match and it costs no memory.
-    """
-    import orbax.checkpoint as ocp
-
-    manager = _manager(workdir)
-    try:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise FileNotFoundError(f"no finished checkpoint in {checkpoint_dir(workdir)}")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; "
-                                    f"steps: {steps}")
-        state = model.abstract_state
-        target = {"params": state.params, "frozen": state.frozen}
-        args = ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)
-        try:
-            with _quiet_orbax():
-                restored = manager.restore(step, args=ocp.args.Composite(state=args)).state
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"cannot restore step {step} of {workdir!r} into the configured "
-                             f"model (does the config's model section match the run's?): "
-                             f"{type(e).__name__}: {e}") from e
-    finally:
-        manager.close()
-    return tree.merge(restored["params"], restored["frozen"]), step
+        return run_dir.restore(workdir, step, make_config=make_config, mesh_from_config=True)
 
 
 def _fmt(value: Any) -> str:
@@ -198,6 +149,12 @@ def imported_config(pre, config_spec: str | None, overrides: list[str]) -> confi
     return cfg
 
 
+def _require_evals(cfg) -> None:
+    if not cfg.evals:
+        raise ValueError("the config has no evaluators; add some with --config CONFIG or "
+                         "--config.evals.NAME=\"{'type': 'retrieval', 'split': 'val'}\"")
+
+
 def run(workdir: str, *, config_spec: str | None = None, overrides: list[str] = (),
         step: int | None = None, names: list[str] | None = None,
         out: str | None = None) -> tuple[int | str, dict[str, float], str | None]:
@@ -216,16 +173,13 @@ def run(workdir: str, *, config_spec: str | None = None, overrides: list[str] = 
             raise ValueError(f"--step applies to training workdirs; {workdir} holds imported "
                              f"{pre.kind} weights")
         cfg = imported_config(pre, config_spec, list(overrides))
-    else:
-        cfg = load_config(workdir, config_spec, list(overrides))
-    if not cfg.evals:
-        raise ValueError("the config has no evaluators; add some with --config CONFIG or "
-                         "--config.evals.NAME=\"{'type': 'retrieval', 'split': 'val'}\"")
-    model = train.build(cfg)
-    if pre is not None:
+        _require_evals(cfg)
+        model = train.build(cfg)
         params, step = tree.unflatten(pre.params), "imported"
     else:
-        params, step = restore_params(model, workdir, step)
+        cfg, params, step = restore_params(workdir, config_spec, list(overrides), step)
+        _require_evals(cfg)
+        model = train.build(cfg)
     restore_s = time.perf_counter() - t0
     logging.info("restored step %s of %s in %.1fs", step, workdir, restore_s)
     metrics = evaluate(cfg, params, names, model=model,
@@ -234,7 +188,7 @@ def run(workdir: str, *, config_spec: str | None = None, overrides: list[str] = 
     if jax.process_index() == 0:
         path = out or os.path.join(workdir, f"eval_{step}.json")
         report = {"step": step, "workdir": os.path.abspath(workdir),
-                  "config": config_spec or os.path.join(os.path.abspath(workdir), "config.json"),
+                  "config": config_spec or f"checkpoint {step}",
                   "overrides": list(overrides), "devices": jax.device_count(),
                   "restore_s": restore_s, "metrics": metrics,
                   "evals": {k: v.to_dict() if hasattr(v, "to_dict") else dict(v)

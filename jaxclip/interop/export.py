@@ -141,10 +141,25 @@ def _open(path: str, step: int | None, fmt: str):
         lambda p, i: flat[p] if i is None else flat[p][i]
 
 
+def _refuse_inside_workdir(out: str) -> None:
+    """An export written into a training workdir would replace its config.json (the HF one has
+    the same name) and mix files of two kinds: refuse any path at or under a workdir."""
+    here = os.path.abspath(out)
+    while True:
+        if os.path.isdir(os.path.join(here, "checkpoints")):
+            raise ValueError(f"--out {out} is inside the training workdir {here}; export to a "
+                             "directory of its own")
+        parent = os.path.dirname(here)
+        if parent == here:
+            return
+        here = parent
+
+
 def export(path: str, out: str, fmt: str, *, step: int | None = None) -> None:
     """Writes the checkpoint at `path` (workdir: newest or `step`) to `out` in format `fmt`."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {FORMATS}")
+    _refuse_inside_workdir(out)
     cfg, shapes, get = _open(os.fspath(path), step, fmt)
     os.makedirs(out, exist_ok=True)
     mean, std, size = cfg.data.mean, cfg.data.std, cfg.model.image.image_size
