@@ -1,16 +1,20 @@
 """Orbax checkpoints: train state, data-stream position, config and run counters, as one.
 
-A checkpoint at step s is one Orbax step directory holding five items, committed together:
+A checkpoint at step s is one Orbax step directory holding four items, committed together:
   state      params, frozen params, optimizer state and the step counter (sharded arrays; each
              host writes its own shards, nothing is gathered onto one host);
   data       JSON: where the input stream resumes (the next step) and the invariants it needs;
   config     JSON: the resolved experiment config the state was trained with;
   progress   JSON: counters that logging continues from (goodput seconds);
-  integrity  JSON: per array of `state`, a 64-bit content fingerprint and whether it is finite
-             (jaxclip.integrity: computed on the devices, independent of the mesh).
+and, added once the step is committed, `integrity.json`: a 64-bit content fingerprint of every
+array of `state` (jaxclip.integrity: computed on the devices, independent of the mesh).
 Saves are asynchronous. Orbax writes into a temporary directory and renames it when complete, so
-a directory killed mid-write is never listed as a checkpoint. A state with a non-finite value is
-never saved (`NonFiniteStateError`): the newest checkpoint is always the last finite one.
+a directory killed mid-write is never listed as a checkpoint. The fingerprints are dispatched to
+the devices before the save and written by a background thread after the commit, so training
+does not wait for them; a checkpoint whose process died in between has no fingerprints and is
+restored unverified, with a warning. A state with a non-finite value is never saved
+(`NonFiniteStateError`, decided by a fast device pass before the save): the newest checkpoint is
+always the last finite one.
 
 Policy: every `train.ckpt_every` steps, at the end, and on preemption; keep the latest
 `train.keep_ckpts` plus every step that is a multiple of `train.keep_every`.
@@ -28,7 +32,9 @@ Read-only readers (evaluation, export) fall back past damage the same way but mo
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -41,7 +47,8 @@ import orbax.checkpoint as ocp
 from jaxclip import config as config_lib
 from jaxclip import integrity
 
-ITEMS = ("state", "data", "config", "progress", "integrity")
+ITEMS = ("state", "data", "config", "progress")
+INTEGRITY_FILE = "integrity.json"
 
 
 class CheckpointMismatchError(config_lib.ConfigError):
@@ -141,8 +148,14 @@ def _agree(verdict: _Verdict) -> _Verdict:
     return _Verdict(False, mismatch="differs from the config on another host")
 
 
-def _summary_of(items: dict) -> dict:
-    return (items.get("integrity") or {}).get("arrays", {})
+def _recorded_digests(step_dir: str) -> dict[str, str] | None:
+    """The fingerprints written after the commit, or None when there are none (an older
+    jaxclip, or a process that died between commit and writing them). Raises if unreadable."""
+    path = os.path.join(step_dir, INTEGRITY_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["digests"]
 
 
 def _verify(summary: dict, recorded: dict) -> str:
@@ -160,7 +173,9 @@ def _verify(summary: dict, recorded: dict) -> str:
 def _examine(manager: ocp.CheckpointManager, step: int, target: Any, *, partial: bool,
              current_config: dict | None) -> _Verdict:
     """Reads checkpoint `step` into the shardings of `target` and classifies the outcome."""
+    step_dir = os.path.join(str(manager.directory), str(step))
     try:
+        recorded = _recorded_digests(step_dir)
         meta = manager.item_metadata(step)
         present = set(meta.keys())
         state_meta = meta["state"]
@@ -191,13 +206,13 @@ def _examine(manager: ocp.CheckpointManager, step: int, target: Any, *, partial:
         state = manager.restore(step, args=ocp.args.Composite(state=state_args)).state
     except Exception as e:  # the metadata promised these arrays and they do not read back
         return _Verdict(False, damage=f"{type(e).__name__}: {e}")
-    recorded = _summary_of(side)
-    damage = _verify(integrity.summarize(state), recorded) if recorded else ""
+    damage = _verify(integrity.summarize(state), recorded or {})
     if damage:
         return _Verdict(False, damage=damage)
-    if not recorded and not partial:
-        logging.warning("checkpoint %d has no content fingerprints (written by an older "
-                        "jaxclip): restored unverified", step)
+    if recorded is None:
+        logging.warning("checkpoint %d has no %s (written by an older jaxclip, or its writer "
+                        "stopped right after the commit): restored unverified", step,
+                        INTEGRITY_FILE)
     return _Verdict(True, items=dict(side, state=state))
 
 
@@ -224,6 +239,9 @@ class Checkpointer:
             self.directory, options=options,
             item_handlers=_handlers(ocp.StandardCheckpointHandler()))
         self.every = every
+        # One background worker writes each save's fingerprints once Orbax has committed it.
+        self._fingerprints = concurrent.futures.ThreadPoolExecutor(1, "jaxclip-fingerprints")
+        self._pending: list[concurrent.futures.Future] = []
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -237,10 +255,10 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, *, data: dict, config: dict, progress: dict,
              force: bool = False) -> bool:
-        """Saves `state` asynchronously after checking on the devices that it is finite and
-        recording its fingerprints. Raises NonFiniteStateError (and saves nothing) otherwise."""
-        summary = integrity.summarize(state)
-        bad = integrity.non_finite(summary)
+        """Saves `state` asynchronously after checking on the devices that it is finite (raises
+        NonFiniteStateError and saves nothing otherwise); its fingerprints follow in the
+        background."""
+        bad = [path for path, ok in integrity.finite(state).items() if not ok]
         if bad:
             raise NonFiniteStateError(
                 f"non-finite values in the train state at step {step} ({len(bad)} arrays, e.g. "
@@ -252,9 +270,38 @@ class Checkpointer:
             data=ocp.args.JsonSave(data),
             config=ocp.args.JsonSave(config),
             progress=ocp.args.JsonSave(progress),
-            integrity=ocp.args.JsonSave({"arrays": summary}),
         )
-        return self._manager.save(step, args=args, force=force)
+        digests = integrity.digests_later(state)  # on the devices, ahead of the next step
+        saved = self._manager.save(step, args=args, force=force)
+        if saved:
+            self._pending = [f for f in self._pending if not f.done()]
+            self._pending.append(self._fingerprints.submit(self._write_digests, step, digests))
+        return saved
+
+    def _write_digests(self, step: int, digests) -> None:
+        values = digests()  # every process joins the computation; process 0 writes
+        if jax.process_index() != 0:
+            return
+        step_dir = os.path.join(self.directory, str(step))
+        while not os.path.isdir(step_dir):  # Orbax renames the finished save into place
+            if not self._manager.is_saving_in_progress() and not os.path.isdir(step_dir):
+                logging.warning("checkpoint %d was not committed; no fingerprints written", step)
+                return
+            time.sleep(0.02)
+        tmp = os.path.join(step_dir, f".{INTEGRITY_FILE}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"format": "jaxclip.integrity/1", "digests": values}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(step_dir, INTEGRITY_FILE))
+        except OSError as e:  # e.g. already pruned by the retention policy
+            logging.warning("fingerprints of checkpoint %d not written: %s", step, e)
+
+    def _finish_fingerprints(self) -> None:
+        for future in self._pending:
+            future.result()
+        self._pending = []
 
     def restore(self, step: int, abstract_state: Any, current_config: dict | None = None
                 ) -> dict[str, Any]:
@@ -308,9 +355,12 @@ class Checkpointer:
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
+        self._finish_fingerprints()
 
     def close(self) -> None:
         self._manager.wait_until_finished()
+        self._finish_fingerprints()
+        self._fingerprints.shutdown()
         self._manager.close()
 
 

@@ -14,11 +14,13 @@ times a non-zero difference below 2**32 is non-zero modulo 2**32); several chang
 sums with probability about 2**-64. It is not a cryptographic hash: it guards against bit rot
 and torn writes, not against an adversary.
 
-The cost is one read of the state on the device (with the finiteness check in the same pass),
-and a transfer of 9 bytes per array to the host.
+Finiteness is a separate, faster pass (a float sum per array): the trainer must know it before
+a save, while the fingerprints can be computed while Orbax writes (`digests_later`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,24 +52,33 @@ def _position(shape: tuple[int, ...]) -> jax.Array:
     return index
 
 
-def _leaf_summary(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _leaf_digest(x: jax.Array) -> jax.Array:
     x = jnp.asarray(x)
     words = _words(x)
     pos = _position(x.shape)
     w1 = pos * np.uint32(2) + np.uint32(1)
     w2 = (pos * np.uint32(_W2_MULT)) | np.uint32(1)
     mixed = words ^ (words >> 15)  # the second sum sees other bit combinations than the first
-    digest = jnp.stack([jnp.sum(words * w1, dtype=jnp.uint32),
-                        jnp.sum(mixed * w2, dtype=jnp.uint32)])
-    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else \
-        jnp.bool_(True)
-    return digest, finite
+    return jnp.stack([jnp.sum(words * w1, dtype=jnp.uint32),
+                      jnp.sum(mixed * w2, dtype=jnp.uint32)])
 
 
 @jax.jit
-def _summaries(leaves: list) -> tuple[list, list]:
-    pairs = [_leaf_summary(x) for x in leaves]
-    return [d for d, _ in pairs], [f for _, f in pairs]
+def _digests(leaves: list) -> list:
+    return [_leaf_digest(x) for x in leaves]
+
+
+@jax.jit
+def _finite(leaves: list) -> list:
+    # x * 0 is NaN exactly where x is inf or NaN, so one float sum per array decides it: float
+    # reductions run at memory speed where XLA:CPU's integer and boolean ones do not.
+    return [jnp.isfinite(jnp.sum(x * jnp.zeros((), x.dtype), dtype=jnp.float32))
+            if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True) for x in leaves]
+
+
+def _host(x) -> np.ndarray:
+    """A replicated result on this host (also when the array spans several processes)."""
+    return np.asarray(x.addressable_data(0) if hasattr(x, "addressable_data") else x)
 
 
 def leaf_paths(tree) -> list[str]:
@@ -86,19 +97,37 @@ def leaf_paths(tree) -> list[str]:
     return [name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+def finite(tree) -> dict[str, bool]:
+    """{leaf path: all values finite} (blocks until computed: a fast pass on the devices)."""
+    return {path: bool(_host(f)) for path, f in zip(leaf_paths(tree), _finite(jax.tree.leaves(
+        tree)), strict=True)}
+
+
+def digests_later(tree) -> Callable[[], dict[str, str]]:
+    """Dispatches the fingerprints of `tree` to the devices and returns at once; calling the
+    result waits for them: {leaf path: 16 hex digits}. The device work is ordered before any
+    later computation that donates these buffers, so the caller may go on training."""
+    paths, pending = leaf_paths(tree), _digests(jax.tree.leaves(tree))
+
+    def get() -> dict[str, str]:
+        return {path: "".join(f"{int(v):08x}" for v in _host(d))
+                for path, d in zip(paths, pending, strict=True)}
+
+    return get
+
+
 def summarize(tree) -> dict[str, dict]:
     """{leaf path: {"digest": "16 hex digits", "finite": bool}} of a pytree of arrays."""
-    digests, finite = jax.device_get(_summaries(jax.tree.leaves(tree)))
-    return {path: {"digest": f"{int(d[0]):08x}{int(d[1]):08x}", "finite": bool(f)}
-            for path, d, f in zip(leaf_paths(tree), digests, finite, strict=True)}
+    digests, flags = digests_later(tree)(), finite(tree)
+    return {path: {"digest": digests[path], "finite": flags[path]} for path in digests}
 
 
 def non_finite(summary: dict[str, dict]) -> list[str]:
     return [path for path, s in summary.items() if not s["finite"]]
 
 
-def digest_mismatches(recorded: dict[str, dict], actual: dict[str, dict]) -> list[str]:
+def digest_mismatches(recorded: dict[str, str], actual: dict[str, dict]) -> list[str]:
     """Paths whose recorded digest differs from the actual one (paths absent from `recorded`
     are not checked: a partial restore reads a subset of what was saved)."""
     return [path for path, s in actual.items()
-            if path in recorded and recorded[path]["digest"] != s["digest"]]
+            if path in recorded and recorded[path] != s["digest"]]

@@ -45,3 +45,16 @@ def test_bench_train_errors_name_the_problem():
         tool.main(["--config", DEMO, "--config.train.batch_size=12"])
     with pytest.raises(SystemExit, match="before jax is imported"):
         tool.main(["--config", DEMO, "--devices", "4"])
+
+
+def test_bench_checkpoint_fingerprints_saves_and_restores_a_real_state(tmp_path, capsys):
+    result = load_tool("bench_checkpoint").main(
+        ["--config", DEMO, "--repeats", "1", "--dir", str(tmp_path), *TINY])
+    assert result["arrays"] > 100 and result["state_mb"] > 1  # params + AdamW moments
+    assert 0 < result["finite_check_s"] <= result["save_block_s"] <= result["save_total_s"]
+    assert result["fingerprint_s"] > 0
+    assert result["restore_s"] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert result["orbax_only_save_block_s"] > 0
+    steps = sorted(os.listdir(os.path.join(tmp_path, "checkpoints")))
+    assert steps == ["4", "5"]  # jaxclip saves 1-2, Orbax-only 3-4, the restored one 5

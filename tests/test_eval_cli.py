@@ -154,26 +154,34 @@ def test_eval_of_imported_weights_matches_the_workdir(run, tmp_path, capsys):
     assert got.keys() == want.keys()
     for key, value in want.items():  # same float32 parameters and programs: equal up to rounding
         assert got[key] == pytest.approx(value, abs=1e-6), key
-    with pytest.raises(SystemExit, match="--step applies to training workdirs"):
-        cli.main(["eval", "--workdir", hf, "--config", config_path, "--step", "2"])
-    with pytest.raises(SystemExit, match="no evaluators"):
-        cli.main(["eval", "--workdir", hf])  # the weights' own config has none
+    capsys.readouterr()
+    _fails(capsys, ["eval", "--workdir", hf, "--config", config_path, "--step", "2"],
+           "--step applies to training workdirs")
+    _fails(capsys, ["eval", "--workdir", hf], "no evaluators")  # the weights' config has none
+
+
+def _fails(capsys, argv, pattern):
+    """A usage error: exit status 2 and one line on stderr matching `pattern`, no traceback."""
+    import re
+
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(pattern, err) and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.slow
-def test_eval_errors_are_clear(run, tmp_path):
+def test_eval_errors_are_clear(run, tmp_path, capsys):
     config_path, workdir = run
     cases = [
         (["--workdir", workdir, "--only", "nope"], r"no evaluator named \['nope'\]"),
-        (["--workdir", workdir, "--step", "3"], r"no checkpoint for step 3 .* steps: \[2, 4\]"),
-        (["--workdir", str(tmp_path)], r"config.json does not exist; pass --config"),
-        (["--workdir", str(tmp_path), "--config", config_path], r"no checkpoints in"),
+        (["--workdir", workdir, "--step", "3"], r"no checkpoint at step 3; available: \[2, 4\]"),
+        (["--workdir", str(tmp_path)], r"no finished checkpoint under checkpoints/"),
+        (["--workdir", str(tmp_path), "--config", config_path], r"no finished checkpoint"),
         (["--workdir", workdir, "--config.evals.val.postproc=qb"], r"postproc must be one of"),
         (["--workdir", workdir, "--config.evals={}"], r"no evaluators"),
     ]
     for argv, message in cases:
-        with pytest.raises(SystemExit, match=message):
-            cli.main(["eval", *argv])
+        _fails(capsys, ["eval", *argv], message)
     assert not os.path.exists(tmp_path / "checkpoints")  # evaluation creates nothing
 
 

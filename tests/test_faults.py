@@ -244,3 +244,27 @@ def test_eval_and_export_fall_back_past_a_truncated_newest_checkpoint(trained, t
     assert _listing(workdir) == ["2", "4"]  # readers never move a run's files
     with pytest.raises(checkpoint.CheckpointDamagedError, match="checkpoint 4"):
         run_dir.restore(workdir, step=4)  # an explicit step is not silently replaced
+
+
+def test_fingerprints_do_not_depend_on_the_mesh_and_catch_one_flipped_bit():
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jaxclip import integrity, sharding
+
+    values = np.random.RandomState(0).randn(16, 24).astype(np.float32)
+    mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
+    layouts = [jax.device_put(values, NamedSharding(mesh, spec))
+               for spec in (P(), P("fsdp"), P(None, ("data", "fsdp")), P("data", "fsdp"))]
+    digests = {integrity.summarize({"w": x})["w"]["digest"] for x in layouts}
+    assert len(digests) == 1  # the same values on any layout
+    for flat_index in (0, 7, 383):  # one bit of one element, anywhere: a different digest
+        flipped = values.copy()
+        flipped.reshape(-1).view(np.uint32)[flat_index] ^= np.uint32(1 << 3)
+        assert integrity.summarize({"w": flipped})["w"]["digest"] not in digests
+    swapped = values[::-1].copy()  # the same words in other places: detected too
+    assert integrity.summarize({"w": swapped})["w"]["digest"] not in digests
+    bad = values.copy()
+    bad[3, 4] = np.inf
+    assert integrity.finite({"w": bad, "ok": values, "n": np.int32(1)}) == {
+        "w": False, "ok": True, "n": True}

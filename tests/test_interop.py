@@ -197,7 +197,7 @@ def test_export_from_a_sharded_workdir_checkpoint(model, workdir, tmp_path):
     assert cli.main(["export", "--workdir", workdir, "--format", "hf", "--out",
                      str(tmp_path / "hf")]) == 0
     _assert_same(params, sources.read(str(tmp_path / "hf")).params)
-    with pytest.raises(ValueError, match=r"no checkpoint at step 3; available: \[7\]"):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 3; available: \[7\]"):
         export.export(workdir, str(tmp_path / "x"), "hf", step=3)
 
 
