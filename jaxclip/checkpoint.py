@@ -69,6 +69,7 @@ class _Verdict:
     items: dict | None = None
     mismatch: str = ""  # non-empty: the tree differs from the config's
     damage: str = ""  # non-empty: the files are unreadable or inconsistent
+    recorded: dict | None = None  # the fingerprints written with it, if any
 
 
 def _handlers(state_handler) -> dict:
@@ -206,14 +207,23 @@ def _examine(manager: ocp.CheckpointManager, step: int, target: Any, *, partial:
         state = manager.restore(step, args=ocp.args.Composite(state=state_args)).state
     except Exception as e:  # the metadata promised these arrays and they do not read back
         return _Verdict(False, damage=f"{type(e).__name__}: {e}")
-    damage = _verify(integrity.summarize(state), recorded or {})
+    return _Verdict(True, items=dict(side, state=state), recorded=recorded)
+
+
+def _verified(verdict: _Verdict, step: int) -> _Verdict:
+    """Recomputes the fingerprints of what was read and compares them with the recorded ones.
+    Runs on every host after they agreed the read succeeded: the fingerprint is one program
+    over the global arrays, so every host must enter it (and gets the same answer)."""
+    if not verdict.ok:
+        return verdict
+    damage = _verify(integrity.summarize(verdict.items["state"]), verdict.recorded or {})
     if damage:
         return _Verdict(False, damage=damage)
-    if recorded is None:
+    if verdict.recorded is None:
         logging.warning("checkpoint %d has no %s (written by an older jaxclip, or its writer "
                         "stopped right after the commit): restored unverified", step,
                         INTEGRITY_FILE)
-    return _Verdict(True, items=dict(side, state=state))
+    return verdict
 
 
 def _mismatch_error(directory: str, step: int, detail: str) -> CheckpointMismatchError:
@@ -308,8 +318,8 @@ class Checkpointer:
         """Items of checkpoint `step`, the state placed on the shardings of `abstract_state`
         (ShapeDtypeStruct leaves): restoring onto another mesh reshards. Raises
         CheckpointMismatchError or CheckpointDamagedError."""
-        verdict = _examine(self._manager, step, abstract_state, partial=False,
-                           current_config=current_config)
+        verdict = _verified(_agree(_examine(self._manager, step, abstract_state, partial=False,
+                                            current_config=current_config)), step)
         if verdict.mismatch:
             raise _mismatch_error(self.directory, step, verdict.mismatch)
         if verdict.damage:
@@ -324,8 +334,9 @@ class Checkpointer:
         not fit `abstract_state`."""
         steps = self.all_steps()
         for step in reversed(steps):
-            verdict = _agree(_examine(self._manager, step, abstract_state, partial=False,
-                                      current_config=current_config))
+            verdict = _verified(_agree(_examine(self._manager, step, abstract_state,
+                                                partial=False, current_config=current_config)),
+                                step)
             if verdict.ok:
                 return step, verdict.items
             if verdict.mismatch:
@@ -426,7 +437,8 @@ def read_params(workdir: str, target: dict, step: int | None = None) -> tuple[di
     manager = _read_manager(directory)
     try:
         for s in ([step] if step is not None else list(reversed(steps))):
-            verdict = _agree(_examine(manager, s, target, partial=True, current_config=None))
+            verdict = _verified(_agree(_examine(manager, s, target, partial=True,
+                                                current_config=None)), s)
             if verdict.ok:
                 return verdict.items["state"], s
             if verdict.mismatch:
