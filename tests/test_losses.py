@@ -144,15 +144,13 @@ def _loss_temp_bytes(impl: str, n_devices: int, b: int = 256, d: int = 64) -> in
 
 def test_ring_loss_memory_stays_flat_as_the_global_batch_grows():
     # Per-device batch fixed at b = 512 (d = 64); the global batch B grows 4x with the device
-    # count. all_gather holds b x B logits; the ring holds b x b blocks plus the O(B·d) embedding
-    # blocks it carries for the backward pass. Measured temp memory, 2 -> 8 devices:
-    # all_gather 12.6 -> 50.1 MB; ring 6.3 -> 7.6 MB (jax 0.10.2), 5.6 -> 7.6 MB (jax 0.12).
+    # count. all_gather holds b x B logits; the ring (a custom VJP that recomputes blocks while
+    # they travel again) holds only this shard's blocks, the travelling block and O(b)
+    # statistics. Measured temp memory, 2 -> 8 devices (jax 0.10.2): all_gather 12.6 -> 50.1 MB;
+    # ring 2.77 -> 2.77 MB (the previous ring, which kept every received block: 6.3 -> 7.6 MB).
     b, d = 512, 64
     gather = [_loss_temp_bytes("all_gather", n, b=b, d=d) for n in (2, 8)]
     ring = [_loss_temp_bytes("ring", n, b=b, d=d) for n in (2, 8)]
     assert gather[1] > 3.5 * gather[0]
-    # The ring grows by embedding-sized terms only: at most 4 float32 copies (two towers, two
-    # directions) of the extra B·d, far below one extra b x b logit block per added device.
-    added_embeddings = (8 - 2) * b * d * 4
-    assert ring[1] - ring[0] <= 4 * added_embeddings
-    assert ring[1] - ring[0] < 0.1 * (gather[1] - gather[0])
+    # No shard stores the other shards' embeddings: 4x the devices adds less than one b x d block.
+    assert ring[1] - ring[0] < b * d * 4

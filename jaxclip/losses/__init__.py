@@ -3,8 +3,10 @@
     jaxclip.losses.clip_loss(image_emb, text_emb, logit_scale, ...)            -> scalar
     jaxclip.losses.siglip_loss(image_emb, text_emb, logit_scale, logit_bias)   -> scalar
 
-take the whole (global) batch. Inside the train step the same registered functions run per shard
-under `shard_map` (`objective_over_mesh`), which is tested to give the same loss and gradients.
+take the whole (global) batch; with `impl="ring"|"all_gather", mesh=mesh` they run sharded over
+the mesh's batch axes (the arrays may be globally sharded). Inside the train step the same
+registered functions run per shard under `shard_map` (`objective_over_mesh`), which is tested to
+give the same loss and gradients.
 
 A new objective is one function registered with `@register(name)` in a module imported here, and
 one config line (`loss.name = name`, or `loss.aux.name = weight` to add it as a weighted term).
@@ -26,30 +28,41 @@ from jaxclip.sharding import BATCH_AXES
 
 
 def _loss_cfg(**kw) -> ml_collections.ConfigDict:
-    base = dict(impl="dense", label_smoothing=0.0, scale_param="logit_scale", learn_scale=True,
-                direction_reduce="mean")
+    base = dict(name="clip", impl="dense", label_smoothing=0.0, scale_param="logit_scale",
+                learn_scale=True, direction_reduce="mean", tile=0, aux={})
     base.update(kw)
     return ml_collections.ConfigDict(base)
 
 
+def _over_mesh(cfg, mesh, enc) -> jax.Array:
+    if mesh is None:  # the whole batch is local: the registered function with axis=None
+        return get(cfg.name).fn(enc, cfg, None)[0]
+    return jax.jit(objective_over_mesh(cfg, mesh))(enc)[0]
+
+
 def clip_loss(image_emb, text_emb, logit_scale, *, label_smoothing: float = 0.0,
-              scale_param: str = "logit_scale", direction_reduce: str = "mean") -> jax.Array:
+              scale_param: str = "logit_scale", direction_reduce: str = "mean",
+              impl: str = "dense", mesh=None, tile: int = 0) -> jax.Array:
     """Symmetric InfoNCE over a global batch of L2-normalised embeddings (CLIP; ALIGN options).
 
     logit_scale is the stored parameter: log t (scale_param="logit_scale") or the temperature
-    itself (scale_param="temperature", ALIGN).
+    itself (scale_param="temperature", ALIGN). With a `mesh`, the (globally sharded) batch is
+    split over its ("data", "fsdp") axes and `impl` ("all_gather" | "ring" | "dense") says how
+    the loss runs over them; `tile` is the ring's column tile (0 = whole block).
     """
     enc = Encoded(jnp.asarray(image_emb), jnp.asarray(text_emb), jnp.asarray(logit_scale))
     cfg = _loss_cfg(label_smoothing=label_smoothing, scale_param=scale_param,
-                    direction_reduce=direction_reduce)
-    return get("clip").fn(enc, cfg, None)[0]
+                    direction_reduce=direction_reduce, impl=impl, tile=tile)
+    return _over_mesh(cfg, mesh, enc)
 
 
-def siglip_loss(image_emb, text_emb, logit_scale, logit_bias) -> jax.Array:
-    """Pairwise sigmoid loss over a global batch; logit_scale is log t, logit_bias is b."""
+def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, *, impl: str = "dense", mesh=None,
+                tile: int = 0) -> jax.Array:
+    """Pairwise sigmoid loss over a global batch; logit_scale is log t, logit_bias is b.
+    `impl`, `mesh` and `tile` as in `clip_loss`."""
     enc = Encoded(jnp.asarray(image_emb), jnp.asarray(text_emb), jnp.asarray(logit_scale),
                   jnp.asarray(logit_bias))
-    return get("siglip").fn(enc, _loss_cfg(), None)[0]
+    return _over_mesh(_loss_cfg(name="siglip", impl=impl, tile=tile), mesh, enc)
 
 
 def total_objective(loss_cfg):

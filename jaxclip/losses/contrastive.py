@@ -3,11 +3,12 @@
 all_gather  each shard gathers the other tower's embeddings and computes its own rows of the
             logits: b x B per shard (open_clip's --local-loss --gather-with-grad, but with a single
             correct gradient path). Memory O(b·B) per device.
-ring        the other tower's blocks travel around the mesh with `ppermute`; each step computes a
-            b x b block and folds it into running statistics (a log-sum-exp per row for the
-            softmax loss, a softplus sum for the sigmoid loss), Inf-CL / SigLIP-chunked style.
-            The step is rematerialised, so the backward pass keeps only the carried blocks and the
-            O(b) statistics: memory O(b·d + b²) per step instead of O(b·B).
+ring        the text blocks travel around the mesh with `ppermute` and each step folds a b x b
+            block (in b x tile tiles, `loss.tile`) into O(b) statistics: the row and column
+            log-sum-exp for softmax (one pass for both directions), the softplus row sums for
+            sigmoid. A custom VJP keeps only those statistics and recomputes the blocks in the
+            backward pass while texts and their gradients travel the ring again (ring.py):
+            memory O(b·d + b·tile) per device, flat in the device count.
 dense       `axis=None`: the whole batch in one matrix; the reference the others are tested against.
 
 Formulas and test values: shared/specs/losses.md §1-§5.
@@ -15,16 +16,19 @@ Formulas and test values: shared/specs/losses.md §1-§5.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
+from jaxclip.losses import ring
 from jaxclip.losses.core import (
     gather,
     mean_over,
     register,
-    ring_shift,
     scale_value,
     shard_index,
+    sum_over,
 )
 
 
@@ -64,53 +68,57 @@ def _clip_all_gather(enc, cfg, axis):
     return loss, metrics
 
 
-def _ring_rows(rows: jax.Array, blocks: jax.Array, scale, axis, n: int, step_fn, init):
-    """Folds `step_fn(stats, block_logits, is_own_block)` over every block of the other tower.
+class _Ring(NamedTuple):
+    scale: jax.Array
+    x: jax.Array
+    y: jax.Array
+    rows: tuple  # (row log-sum-exp | softplus sum, max, first argmax) over the global batch
+    cols: tuple  # the same per text (softmax only)
+    pos: jax.Array  # s·x_r·y_r
+    sums: tuple  # (Σ x, Σ y) over the global batch
+    labels: jax.Array  # global index of each row (float32, as the argmaxes)
+    B: int
 
-    Shard k starts with its own block (which holds its positives on the diagonal) and receives
-    the block of shard k-1 at every step, so after n - 1 shifts it has seen all of them.
-    """
 
-    def fold(stats, block, own):
-        return step_fn(stats, scale * rows @ block.T, own)
+def _ring_common(enc, cfg, axis, kind, bias):
+    """Runs the ring kernel and returns what both ring losses need: the statistics, the positive
+    logits s·x_r·y_r, the global sums of each tower (for the smoothing term and the mean negative
+    logit, which need no ring: Σ_j s·x_r·y_j = s·x_r·Σ_j y_j), the labels and the sizes."""
+    scale = scale_value(enc.logit_scale, cfg)
+    n = 1 if axis is None else jax.lax.axis_size(axis)
+    x, y = enc.image_emb.astype(jnp.float32), enc.text_emb.astype(jnp.float32)
+    b = x.shape[0]
+    tile = int(cfg.get("tile", 0) or 0)
+    # Varying copies: each shard's cotangent of the scale / bias is its own partial sum, which
+    # shard_map's transpose of the cast adds up (no factor of the device count).
+    rows, cols = ring.ring_stats(kind, axis, n, tile, x, y, ring.vary(scale, axis),
+                                 ring.vary(bias, axis))
+    pos = scale * jnp.sum(x * y, axis=-1)
+    sums = sum_over(x.sum(0), axis), sum_over(y.sum(0), axis)
+    labels = (jnp.arange(b) + b * shard_index(axis)).astype(jnp.float32)
+    return _Ring(scale, x, y, rows, cols, pos, sums, labels, b * n)
 
-    stats = fold(init, blocks, True)
 
-    @jax.checkpoint
-    def body(carry, _):
-        stats, block = carry
-        block = ring_shift(block, axis, n)
-        return (fold(stats, block, False), block), None
-
-    if n > 1:
-        (stats, _), _ = jax.lax.scan(body, (stats, blocks), None, length=n - 1)
-    return stats
+def _ring_metrics(r: _Ring, axis, bias=0.0):
+    """The all_gather path's batch statistics from the ring's argmaxes and the closed-form sums."""
+    total = r.scale * jnp.dot(r.sums[0], r.sums[1])  # Σ over all B² logits of s·x·y
+    neg = (total - sum_over(r.pos.sum(), axis)) / float(max(r.B * r.B - r.B, 1))  # B² > int32
+    metrics = {"i2t_acc": mean_over(jnp.mean(r.rows[2] == r.labels), axis),
+               "pos_logit": mean_over(r.pos.mean(), axis) + bias, "neg_logit": neg + bias}
+    if r.cols:
+        metrics["t2i_acc"] = mean_over(jnp.mean(r.cols[2] == r.labels), axis)
+    return jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
 def _clip_ring(enc, cfg, axis):
-    scale = scale_value(enc.logit_scale, cfg)
-    n = 1 if axis is None else jax.lax.axis_size(axis)
+    r = _ring_common(enc, cfg, axis, "softmax", jnp.float32(0.0))
     eps = cfg.label_smoothing
-    b = enc.image_emb.shape[0]
-    B = b * n
-
-    def step(stats, logits, own):
-        lse, row_sum, pos = stats
-        lse = jnp.logaddexp(lse, jax.nn.logsumexp(logits, axis=-1))
-        row_sum = row_sum + logits.sum(-1)
-        if own:
-            pos = jnp.diagonal(logits)
-        return lse, row_sum, pos
-
-    init = (jnp.full((b,), -jnp.inf), jnp.zeros((b,)), jnp.zeros((b,)))
-
-    def direction(rows, others):
-        lse, row_sum, pos = _ring_rows(rows, others, scale, axis, n, step, init)
-        # -(1-eps)·log p_pos - eps·mean_j log p_j, with log p = logit - lse
-        return lse - (1.0 - eps) * pos - eps * row_sum / B
-
-    per_row = direction(enc.image_emb, enc.text_emb) + direction(enc.text_emb, enc.image_emb)
-    return mean_over(per_row.mean(), axis) * _direction_factor(cfg), {}
+    # -(1-eps)·log p_pos - eps·mean_j log p_j per row, with log p = logit - lse; the column
+    # log-sum-exp is the text -> image direction.
+    i2t = r.rows[0] - (1.0 - eps) * r.pos - eps * r.scale * (r.x @ r.sums[1]) / r.B
+    t2i = r.cols[0] - (1.0 - eps) * r.pos - eps * r.scale * (r.y @ r.sums[0]) / r.B
+    loss = mean_over((i2t + t2i).mean(), axis) * _direction_factor(cfg)
+    return loss, _ring_metrics(r, axis)
 
 
 @register("clip", impls=("all_gather", "ring", "dense"))
@@ -121,16 +129,6 @@ def clip(enc, cfg, axis):
     return _clip_all_gather(enc, cfg, axis)
 
 
-def _sigmoid_terms(logits: jax.Array, own: bool) -> jax.Array:
-    """Per-row sum of -log σ(z·logit): z = +1 on the diagonal of the own block, else -1."""
-    neg = jax.nn.softplus(logits).sum(-1)  # -log σ(-x) = softplus(x)
-    if not own:
-        return neg
-    diag = jnp.diagonal(logits)
-    # Replace the diagonal's negative term by its positive one: -log σ(x) = softplus(-x).
-    return neg - jax.nn.softplus(diag) + jax.nn.softplus(-diag)
-
-
 @register("siglip", impls=("all_gather", "ring", "dense"))
 def siglip(enc, cfg, axis):
     """Pairwise sigmoid loss (SigLIP): sum over texts, mean over images."""
@@ -139,13 +137,12 @@ def siglip(enc, cfg, axis):
     img, txt = enc.image_emb, enc.text_emb
     b = img.shape[0]
     if cfg.impl == "ring":
-        n = 1 if axis is None else jax.lax.axis_size(axis)
-
-        def step(acc, logits, own):
-            return acc + _sigmoid_terms(logits + bias, own)
-
-        per_row = _ring_rows(img, txt, scale, axis, n, step, jnp.zeros((b,)))
-        return mean_over(per_row.mean(), axis), {}
+        r = _ring_common(enc, cfg, axis, "sigmoid", bias)
+        # rows[0] sums softplus(logit) = -log σ(-logit) over every column; the own diagonal's
+        # term is swapped for the positive one, -log σ(logit) = softplus(-logit).
+        diag = r.pos + bias
+        per_row = r.rows[0] - jax.nn.softplus(diag) + jax.nn.softplus(-diag)
+        return mean_over(per_row.mean(), axis), _ring_metrics(r, axis, bias)
     labels = jnp.arange(b) + b * shard_index(axis)
     logits = scale * img @ gather(txt, axis).T + bias  # (b, B)
     z = jnp.where(jnp.arange(logits.shape[1])[None, :] == labels[:, None], 1.0, -1.0)
