@@ -94,7 +94,10 @@ def defaults() -> ConfigDict:
 
     c.loss = lo = ConfigDict()
     lo.name = "clip"  # a registered objective: clip | siglip | ...
-    lo.impl = "all_gather"  # how the loss runs over the mesh: all_gather | dense
+    lo.impl = "all_gather"  # how the loss runs over the mesh: all_gather | ring | dense
+    # ring: columns of the local logit block computed at a time (O(b x tile) scratch instead of
+    # O(b^2)); must divide the per-device batch; 0 = the whole block (jaxclip.losses.ring).
+    lo.tile = 0
     lo.label_smoothing = 0.0
     lo.scale_param = "logit_scale"  # logit_scale (exp of a log-scale) | temperature (ALIGN)
     lo.scale_max = math.log(100)  # clamp of the log-scale after every step; None disables
@@ -130,6 +133,16 @@ def defaults() -> ConfigDict:
     t.peak_tflops = 0.0  # per-device peak for MFU; 0 = datasheet table / measured on CPU
     t.progress = True  # terminal progress bar
     t.profile_steps = (0, 0)  # (a, b): jax.profiler trace of steps a..b into WORKDIR/profile
+    # A hung step, save or restore ends the process (exit 3, all stacks logged) so the scheduler
+    # restarts it (jaxclip.watchdog): limit = watchdog_multiple x median step time, at least
+    # watchdog_floor_s; before the first step completes (compile, restore, step 1)
+    # watchdog_first_floor_s. 0 disables the watchdog.
+    t.watchdog_multiple = 10.0
+    t.watchdog_floor_s = 600.0
+    t.watchdog_first_floor_s = 3600.0
+    # After a SIGTERM, a step that does not complete within this many seconds ends the process
+    # at once (exit 143); a second SIGTERM or SIGINT always does (jaxclip.preemption).
+    t.stop_grace_s = 60.0
 
     c.data = d = ConfigDict()
     # The training stream: a dataset directory of jaxclip records, or a built-in name that is
@@ -365,6 +378,12 @@ def validate(cfg: ConfigDict) -> None:
     for path in ("train.steps", "train.batch_size", "train.log_every"):
         if get_path(cfg, path) <= 0:
             raise ConfigError(f"config key {path!r} must be positive, got {get_path(cfg, path)}")
+    if cfg.loss.tile < 0:
+        raise ConfigError(f"config key 'loss.tile' must be >= 0, got {cfg.loss.tile}")
+    for path in ("train.watchdog_multiple", "train.watchdog_floor_s",
+                 "train.watchdog_first_floor_s", "train.stop_grace_s"):
+        if get_path(cfg, path) < 0:
+            raise ConfigError(f"config key {path!r} must be >= 0, got {get_path(cfg, path)}")
     img = cfg.model.image
     if img.image_size % img.patch_size:
         raise ConfigError(
