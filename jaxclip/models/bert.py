@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxclip import sharding
 from jaxclip.models import layers as L
 
 _STD = 0.02  # BERT's initializer_range, for towers trained from scratch
@@ -46,13 +47,14 @@ class PostLNTransformer(nnx.Module):
         eps = self.eps
 
         def block(x, p):
+            x = sharding.constrain(x, L.ACT)
             x = x + L.attention(p["attn"], x, x, kv_lengths=kv_lengths, impl=attn_impl)
             x = L.layer_norm(x, p["ln_1"]["scale"], p["ln_1"]["bias"], eps)
             x = x + L.mlp(p["mlp"], x, act)
-            return L.layer_norm(x, p["ln_2"]["scale"], p["ln_2"]["bias"], eps), None
+            x = L.layer_norm(x, p["ln_2"]["scale"], p["ln_2"]["bias"], eps)
+            return sharding.constrain(x, L.ACT), None
 
-        if remat != "none":
-            block = jax.checkpoint(block, policy=L._REMAT_POLICIES[remat], prevent_cse=not scan)
+        block = sharding.remat_block(block, remat, L._REMAT_POLICIES, prevent_cse=not scan)
         if scan:
             x, _ = jax.lax.scan(block, x, params)
         else:
@@ -90,7 +92,7 @@ class BertTower(nnx.Module):
         mask = tokens != self.pad_id
         x = jnp.take(self.token_embed[...], tokens, axis=0)
         x = x + self.pos_embed[...][:T] + self.type_embed[...]
-        x = self.ln_embed(x.astype(dtype))
+        x = sharding.constrain(self.ln_embed(x.astype(dtype)), L.ACT)
         x = self.blocks(x, kv_lengths=mask.sum(-1).astype(jnp.int32), scan=scan, remat=remat,
                         attn_impl=attn_impl)
         if self.pool == "first":

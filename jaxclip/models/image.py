@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxclip import sharding
 from jaxclip.models import layers as L
 
 
@@ -75,7 +76,7 @@ class ImageTower(nnx.Module):
             cls = jnp.broadcast_to(self.cls_token[...].astype(dtype), (B, 1, x.shape[-1]))
             x = jnp.concatenate([cls, x], axis=1)
         x = x + self.pos_embed[...].astype(dtype)
-        x = self.ln_pre(x)
+        x = sharding.constrain(self.ln_pre(x), L.ACT)
         x = self.blocks(x, scan=scan, remat=remat, attn_impl=attn_impl)
         x = self.ln_post(x)
         patches = x[:, 1:] if self.cls_token is not None else x

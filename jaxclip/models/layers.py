@@ -12,6 +12,11 @@ layers are just the slices of the stack. Attention kernels are kept per head,
 
 Parameters are float32; activations are computed in the tower's compute dtype (bfloat16 on
 accelerators), except layer norms and softmax statistics, which run in float32.
+
+Activations are pinned by logical name (`sharding.constrain`: batch split over data x fsdp, heads
+and MLP hidden units over tensor) at every block's input and inside attention and the MLP, and
+weights are cast to the compute dtype before being gathered out of their FSDP shards
+(`sharding.gather_weight`). Both are no-ops without a mesh (see `sharding.activation_mesh`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxclip import sharding
 
 Axes = tuple[str | None, ...]
 
@@ -102,11 +109,18 @@ class Dense(nnx.Module):
         return dense({"kernel": self.kernel[...], "bias": bias}, x, self.n_in)
 
 
-def dense(p: dict, x: jax.Array, n_in: int = 1) -> jax.Array:
-    y = jnp.tensordot(x, p["kernel"].astype(x.dtype), axes=n_in)
-    if p.get("bias") is not None:
-        y = y + p["bias"].astype(x.dtype)
-    return y
+def dense(p: dict, x: jax.Array, n_in: int = 1, axes: Axes | None = None) -> jax.Array:
+    """`axes`: the kernel's logical axes (without "layers"); given, the kernel and bias are
+    gathered from their FSDP shards after the cast to the compute dtype."""
+    kernel, bias = p["kernel"], p.get("bias")
+    if axes is None:
+        kernel = kernel.astype(x.dtype)
+        bias = None if bias is None else bias.astype(x.dtype)
+    else:
+        kernel = sharding.gather_weight(kernel, axes, x.dtype)
+        bias = None if bias is None else sharding.gather_weight(bias, axes[n_in:], x.dtype)
+    y = jnp.tensordot(x, kernel, axes=n_in)
+    return y if bias is None else y + bias
 
 
 class Attention(nnx.Module):
@@ -133,14 +147,17 @@ def attention(
     impl: str = "xla",
 ) -> jax.Array:
     """Attention of x_q over x_kv; `kv_lengths` (B,) masks right-padded keys."""
-    q = dense(p["query"], x_q)
-    k = dense(p["key"], x_kv)
-    v = dense(p["value"], x_kv)
+    heads = ("act_batch", "act_length", "act_heads", "act_kv")
+    qkv_axes = ("embed", "heads", "kv")
+    q = sharding.constrain(dense(p["query"], x_q, axes=qkv_axes), heads)
+    k = sharding.constrain(dense(p["key"], x_kv, axes=qkv_axes), heads)
+    v = sharding.constrain(dense(p["value"], x_kv, axes=qkv_axes), heads)
     o = jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, key_value_seq_lengths=kv_lengths,
         implementation=None if impl == "auto" else impl,
     )
-    return dense(p["out"], o, n_in=2)
+    o = sharding.constrain(o, heads)
+    return sharding.constrain(dense(p["out"], o, n_in=2, axes=("heads", "kv", "embed")), ACT)
 
 
 class MLP(nnx.Module):
@@ -151,7 +168,13 @@ class MLP(nnx.Module):
 
 
 def mlp(p: dict, x: jax.Array, act: Callable) -> jax.Array:
-    return dense(p["fc2"], act(dense(p["fc1"], x)))
+    h = sharding.constrain(dense(p["fc1"], x, axes=("embed", "mlp")),
+                           ("act_batch", "act_length", "act_mlp"))
+    return sharding.constrain(dense(p["fc2"], act(h), axes=("mlp", "embed")), ACT)
+
+
+# A tower's token activations (B, T, width): split by batch only, whatever the weights' layout.
+ACT = ("act_batch", "act_length", "act_embed")
 
 
 _REMAT_POLICIES = {
@@ -186,14 +209,15 @@ class Transformer(nnx.Module):
         eps = self.eps
 
         def block(x, p):
+            # Pinned inside the scan/remat body, so the recomputed forward is pinned as well.
+            x = sharding.constrain(x, ACT)
             y = layer_norm(x, p["ln_1"]["scale"], p["ln_1"]["bias"], eps)
             x = x + attention(p["attn"], y, y, causal=causal, kv_lengths=kv_lengths,
                               impl=attn_impl)
             y = layer_norm(x, p["ln_2"]["scale"], p["ln_2"]["bias"], eps)
-            return x + mlp(p["mlp"], y, act), None
+            return sharding.constrain(x + mlp(p["mlp"], y, act), ACT), None
 
-        if remat != "none":
-            block = jax.checkpoint(block, policy=_REMAT_POLICIES[remat], prevent_cse=not scan)
+        block = sharding.remat_block(block, remat, _REMAT_POLICIES, prevent_cse=not scan)
         if scan:
             x, _ = jax.lax.scan(block, x, params)
         else:

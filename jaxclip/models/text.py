@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxclip import sharding
 from jaxclip.models import layers as L
 
 
@@ -56,19 +57,26 @@ class TextTower(nnx.Module):
     def __call__(self, tokens: jax.Array, *, dtype=jnp.float32, scan=True, remat="none",
                  attn_impl="xla", return_tokens=False):
         """tokens: (B, T) int32, T <= context_length. Returns (pooled, token features, mask)."""
-        B, T = tokens.shape
+        T = tokens.shape[1]
         if self.context_length < T:
             raise ValueError(f"text of length {T} exceeds the context length "
                              f"{self.context_length} of the text tower")
         mask = valid_mask(tokens, self.pool, self.eot_id, self.pad_id)
-        x = jnp.take(self.token_embed[...], tokens, axis=0).astype(dtype)
-        x = x + self.pos_embed[...][:T].astype(dtype)
+        # The table is gathered out of its FSDP shards (in the compute dtype) before the lookup,
+        # so the lookup runs on each device's own rows; a lookup into the fsdp-split table
+        # all-gathered the token ids of the whole global batch instead.
+        table = sharding.gather_weight(self.token_embed[...], ("vocab", "embed"), dtype)
+        x = jnp.take(table, tokens, axis=0)
+        x = sharding.constrain(x + self.pos_embed[...][:T].astype(dtype), L.ACT)
         kv_lengths = None if self.pool == "last" else mask.sum(-1).astype(jnp.int32)
         x = self.blocks(x, causal=self.causal, kv_lengths=kv_lengths, scan=scan, remat=remat,
                         attn_impl=attn_impl)
         x = self.ln_final(x)
         if self.pool == "eot":
-            pooled = x[jnp.arange(B), mask.sum(-1) - 1]
+            # take_along_axis keeps batch a batching dimension of the gather, so each device
+            # pools its own rows; x[arange(B), idx] was partitioned as a global-batch all-reduce.
+            last = (mask.sum(-1) - 1).astype(jnp.int32)
+            pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
         elif self.pool == "last":
             pooled = x[:, -1]
         elif self.pool == "first":

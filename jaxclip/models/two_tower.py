@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxclip import sharding
 from jaxclip.models.bert import BertTower
 from jaxclip.models.heads import Head
 from jaxclip.models.image import ImageTower
@@ -43,6 +44,14 @@ class Encoded:
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps))
+
+
+def _embeddings(emb: jax.Array, tokens: jax.Array | None):
+    """L2-normalised output embeddings, pinned to the batch split the loss expects."""
+    emb = sharding.constrain(l2_normalize(emb), ("act_batch", None))
+    if tokens is not None:
+        tokens = sharding.constrain(l2_normalize(tokens), ("act_batch", None, None))
+    return emb, tokens
 
 
 class TwoTower(nnx.Module):
@@ -69,26 +78,29 @@ class TwoTower(nnx.Module):
         self.locked = (cfg.image.locked, cfg.text.locked)
 
     def encode_image(self, images: jax.Array, *, return_tokens: bool = False):
-        head = self.image_head
-        want = return_tokens or (head is not None and head.kind == "patch_mlp")
-        emb, tokens = self.image(images, dtype=self.dtype, return_tokens=want, **self.run)
-        if self.locked[0]:
-            emb, tokens = jax.lax.stop_gradient((emb, tokens))
-        if head is not None:
-            emb, tokens = head(emb, tokens)
-        tokens = tokens if return_tokens else None
-        return l2_normalize(emb), None if tokens is None else l2_normalize(tokens)
+        # The parameters are traced with the step's mesh: activation constraints apply inside.
+        with sharding.activation_mesh(self.logit_scale[...]):
+            head = self.image_head
+            want = return_tokens or (head is not None and head.kind == "patch_mlp")
+            emb, tokens = self.image(images, dtype=self.dtype, return_tokens=want, **self.run)
+            if self.locked[0]:
+                emb, tokens = jax.lax.stop_gradient((emb, tokens))
+            if head is not None:
+                emb, tokens = head(emb, tokens)
+            tokens = tokens if return_tokens else None
+            return _embeddings(emb, tokens)
 
     def encode_text(self, text: jax.Array, *, return_tokens: bool = False):
-        head = self.text_head
-        want = return_tokens or (head is not None and head.kind == "patch_mlp")
-        emb, tokens, mask = self.text(text, dtype=self.dtype, return_tokens=want, **self.run)
-        if self.locked[1]:
-            emb, tokens = jax.lax.stop_gradient((emb, tokens))
-        if head is not None:
-            emb, tokens = head(emb, tokens, mask)
-        tokens = tokens if return_tokens else None
-        return l2_normalize(emb), None if tokens is None else l2_normalize(tokens), mask
+        with sharding.activation_mesh(self.logit_scale[...]):
+            head = self.text_head
+            want = return_tokens or (head is not None and head.kind == "patch_mlp")
+            emb, tokens, mask = self.text(text, dtype=self.dtype, return_tokens=want, **self.run)
+            if self.locked[1]:
+                emb, tokens = jax.lax.stop_gradient((emb, tokens))
+            if head is not None:
+                emb, tokens = head(emb, tokens, mask)
+            tokens = tokens if return_tokens else None
+            return (*_embeddings(emb, tokens), mask)
 
     def __call__(self, images: jax.Array, text: jax.Array, *, return_tokens: bool = False):
         img, img_tok = self.encode_image(images, return_tokens=return_tokens)

@@ -1,0 +1,171 @@
+"""Per-device memory and FLOPs of a training step at any scale, planned without the hardware.
+
+    python tools/plan_memory.py --model ViT-B-16 --devices 64 --mesh fsdp=8 --batch 32768 \\
+        --config.model.dtype=bfloat16
+    python tools/plan_memory.py --model ViT-L-14 --devices 256 --mesh data=32,fsdp=8 \\
+        --batch 65536 --config.model.remat=full --config.loss.impl=ring --json
+    python tools/plan_memory.py --config configs/demo.py --devices 8 --mesh fsdp=8
+
+The step is the trainer's own (`train.build`, then `train.make_train_step(...)` lowered against
+the abstract train state and an abstract global batch, and compiled), so nothing is allocated and
+any model fits on a laptop: only XLA's plan is made. Printed per device: the parameters,
+optimizer state and batch the step takes, XLA's temp (scratch) and output buffers, compile time,
+the analytic FLOPs per sample (jaxclip/flops.py) and XLA's cost-analysis FLOPs. XLA counts a
+while loop's body once, so with `model.scan_layers` (the default) its figure holds one layer per
+tower: compare it between meshes of one model, not with the analytic count.
+
+`--devices N` fakes N CPU devices (XLA_FLAGS, set before jax loads; JAX_PLATFORMS=cpu). `--mesh`
+gives ("data", "fsdp", "tensor") sizes, e.g. `data=32,fsdp=8`; unnamed axes are 1, unless the
+named ones leave devices over, which then go to `data`. Without `--mesh` the config's mesh is used.
+
+On fake CPU devices the plan is XLA:CPU's, an upper bound for GPU/TPU: XLA:CPU computes bfloat16
+in float32 (so bf16 activations count double) and materialises attention scores, where a fused
+GPU/TPU attention kernel does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    axes = dict(data=1, fsdp=1, tensor=1)
+    named = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in axes:
+            raise SystemExit(f"plan_memory: --mesh items look like data=4,fsdp=2 (axes "
+                             f"{', '.join(axes)}), got {item!r}")
+        named[key] = int(value)
+    axes.update(named)
+    if "data" not in named and -1 not in named.values():
+        axes["data"] = -1  # whatever the named axes leave over
+    return axes
+
+
+def _bytes_per_device(tree) -> int:
+    """Bytes of one device's shards of a tree of sharded ShapeDtypeStructs."""
+    import jax
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shape) * leaf.dtype.itemsize
+    return total
+
+
+def plan(cfg) -> dict:
+    """Compiles the trainer's step for `cfg` on the current devices; returns the plan."""
+    import jax
+
+    from jaxclip import flops, sharding, train
+
+    m = train.build(cfg)
+    batch, n_dev = cfg.train.batch_size, m.mesh.size
+    if batch % sharding.batch_divisor(m.mesh):
+        raise SystemExit(f"plan_memory: batch {batch} does not divide over the mesh's batch axes "
+                         f"({sharding.batch_divisor(m.mesh)} devices)")
+    specs = train.batch_specs(cfg, m.mesh)
+    t0 = time.perf_counter()
+    compiled = train.make_train_step(m).lower(m.abstract_state, specs).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    per_sample = flops.train_flops_per_sample(cfg, batch)
+    s = m.abstract_state
+    return {
+        "model": cfg.model.name or "custom", "dtype": cfg.model.dtype,
+        "remat": cfg.model.remat, "loss": cfg.loss.name, "loss_impl": cfg.loss.impl,
+        "devices": n_dev, "mesh": dict(m.mesh.shape), "global_batch": batch,
+        "platform": jax.devices()[0].platform, "jax": jax.__version__,
+        "param_bytes": _bytes_per_device((s.params, s.frozen)),
+        "opt_state_bytes": _bytes_per_device(s.opt_state),
+        "batch_bytes": _bytes_per_device(specs),
+        "argument_bytes": mem.argument_size_in_bytes,
+        "temp_bytes": mem.temp_size_in_bytes,
+        "output_bytes": mem.output_size_in_bytes,
+        "alias_bytes": mem.alias_size_in_bytes,
+        # Donated state aliases its outputs, so they are not counted twice.
+        "peak_bytes": (mem.argument_size_in_bytes + mem.temp_size_in_bytes
+                       + mem.output_size_in_bytes - mem.alias_size_in_bytes),
+        "compile_seconds": compile_s,
+        "flops_per_sample": per_sample,
+        "analytic_flops_per_device": per_sample * batch / n_dev,
+        "xla_flops_per_device": float(cost.get("flops", float("nan"))),
+    }
+
+
+def _report(r: dict) -> str:
+    gib = 2.0**30
+    mesh = ", ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    rows = [
+        f"{r['model']} {r['dtype']}, remat {r['remat']}, {r['loss']} ({r['loss_impl']}); global "
+        f"batch {r['global_batch']:,} on {r['devices']} {r['platform']} devices ({mesh}), "
+        f"jax {r['jax']}",
+        "per device:",
+        f"  parameters       {r['param_bytes'] / gib:9.3f} GiB",
+        f"  optimizer state  {r['opt_state_bytes'] / gib:9.3f} GiB",
+        f"  batch            {r['batch_bytes'] / gib:9.3f} GiB",
+        f"  arguments (XLA)  {r['argument_bytes'] / gib:9.3f} GiB",
+        f"  temp (XLA)       {r['temp_bytes'] / gib:9.3f} GiB",
+        f"  outputs (XLA)    {r['output_bytes'] / gib:9.3f} GiB ({r['alias_bytes'] / gib:.3f} "
+        "aliased to donated arguments)",
+        f"  peak             {r['peak_bytes'] / gib:9.3f} GiB",
+        f"  FLOPs per step   {r['analytic_flops_per_device']:.3e} analytic, "
+        f"{r['xla_flops_per_device']:.3e} XLA cost analysis",
+        f"analytic FLOPs per sample {r['flops_per_sample']:.3e}; compile "
+        f"{r['compile_seconds']:.1f} s",
+    ]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", help="experiment config (overrides as in training)")
+    p.add_argument("--model", default="ViT-B-32", help="registry size when there is no --config")
+    p.add_argument("--devices", type=int, default=0, help="fake this many CPU devices")
+    p.add_argument("--mesh", help="mesh axis sizes, e.g. data=32,fsdp=8 (default: the config's)")
+    p.add_argument("--batch", type=int, help="global batch (default: train.batch_size)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    args, extra = p.parse_known_args(argv)
+    if args.devices:
+        if "jax" in sys.modules:
+            raise SystemExit("plan_memory: --devices must be set before jax is imported")
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}")
+        os.environ["JAX_PLATFORMS"] = "cpu"  # the fake devices are CPU devices
+
+    from jaxclip import cli, config
+    from jaxclip.models.sizes import model_overrides
+
+    try:
+        overrides = cli._split_overrides(extra)
+        if args.config:
+            cfg = config.load(args.config, overrides)
+        else:
+            cfg = config.from_dict({"model": dict(model_overrides(args.model), name=args.model)})
+            for item in overrides:
+                config.apply_override(cfg, item)
+        if args.mesh:
+            cfg.mesh.update(parse_mesh(args.mesh))
+        if args.batch:
+            cfg.train.batch_size = args.batch
+        config.validate(cfg)
+    except (config.ConfigError, FileNotFoundError, KeyError) as e:
+        raise SystemExit(f"plan_memory: bad config: {e}") from None
+    try:
+        result = plan(cfg)
+    except ValueError as e:  # a mesh that does not fit the devices
+        raise SystemExit(f"plan_memory: {e}") from None
+    print(json.dumps(result) if args.json else _report(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
