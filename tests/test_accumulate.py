@@ -1,0 +1,196 @@
+"""GradCache accumulation (jaxclip.accumulate): k micro-batches give the loss and the gradient of
+the whole batch, every negative included, with about 1/k of the activation memory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxclip import accumulate, config, losses, sharding, train, tree
+from jaxclip.data import pipeline
+from jaxclip.models.two_tower import l2_normalize
+from tests.helpers import random_batch
+
+# The demo experiment shrunk to one block per tower; a 4 x 2 data x fsdp mesh, so the
+# micro-batches must follow a batch split over two mesh axes and the gradients are fsdp-sharded.
+TINY = ["model.embed_dim=32", "model.image.image_size=16", "model.image.patch_size=4",
+        "model.image.width=32", "model.image.depth=1", "model.image.heads=2",
+        "model.text.width=32", "model.text.depth=1", "model.text.heads=2",
+        "model.text.vocab_size=100", "model.text.eot_id=99", "model.text.pad_id=0",
+        "train.batch_size=32", "mesh.data=4", "mesh.fsdp=2"]
+SIGLIP = ["loss.name=siglip", "model.logit_scale_init=2.302585", "model.logit_bias_init=-10.0"]
+LOCKS = {
+    "unlocked": [],
+    # The whole image tower frozen, no head: pass 3 never runs the image tower.
+    "image_locked": ["model.image.locked=True"],
+    # LiT: a locked text tower under a trainable linear head; the head still trains.
+    "text_locked_head": ["model.text.locked=True", "model.text.head=linear"],
+}
+
+
+def _setup(overrides):
+    cfg = config.load("configs/demo.py", TINY + overrides)
+    mesh = sharding.make_mesh(cfg.mesh)
+    m = train.build(cfg, mesh)
+    state = train.init_state(m)
+    batch = sharding.global_batch(random_batch(np.random.default_rng(0), cfg), mesh)
+    return cfg, m, state, batch
+
+
+def _reference_and_accumulated(cfg, m, k, objective=None, tokens=False):
+    """One jitted function returning make_train_step's value_and_grad and loss_and_grads."""
+    objective = objective or losses.objective_over_mesh(cfg.loss, m.mesh)
+
+    def both(state, batch):
+        images = pipeline.normalize_images(batch["image"], cfg.data.mean, cfg.data.std)
+
+        def loss_fn(params):  # as in train.make_train_step
+            model = nnx.merge(m.graphdef, tree.merge(params, state.frozen))
+            enc = model(images, batch["text"], return_tokens=tokens)
+            loss, metrics = objective(enc)
+            return loss, (metrics, enc.logit_scale, enc.logit_bias)
+
+        ref = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        acc = accumulate.loss_and_grads(
+            m.graphdef, state.params, state.frozen, images, batch["text"], objective, k,
+            return_tokens=tokens, mesh=m.mesh, grad_shardings=m.state_shardings.params)
+        return ref, acc
+
+    return jax.jit(both, in_shardings=(m.state_shardings, sharding.batch_sharding(m.mesh)))
+
+
+def _assert_same(ref, acc):
+    (loss_r, (metrics_r, scale_r, bias_r)), grads_r = jax.device_get(ref)
+    (loss_a, (metrics_a, scale_a, bias_a)), grads_a = jax.device_get(acc)
+    np.testing.assert_allclose(loss_a, loss_r, rtol=1e-6)
+    assert metrics_a.keys() == metrics_r.keys()
+    for name in metrics_r:
+        np.testing.assert_allclose(metrics_a[name], metrics_r[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    assert scale_a == scale_r and (bias_r is None) == (bias_a is None)
+    flat_r, flat_a = tree.flatten(grads_r), tree.flatten(grads_a)
+    assert flat_a.keys() == flat_r.keys()
+    # Absolute tolerance at 1e-5 of the largest gradient anywhere in the model: a gradient that
+    # is exactly zero in theory (attention key biases, softmax-invariant) is float32 noise
+    # (~1e-8) from cancelling terms as large as the rest of the model's gradients, so scaling by
+    # its own maximum would compare noise with noise.
+    scale = max(float(np.abs(g).max()) for g in flat_r.values())
+    worst = 0.0
+    for path, g in flat_r.items():
+        assert flat_a[path].dtype == g.dtype, path
+        np.testing.assert_allclose(flat_a[path], g, rtol=1e-5, atol=1e-5 * scale, err_msg=path)
+        worst = max(worst, float(np.abs(flat_a[path] - g).max()) / scale)
+    return worst
+
+
+# Each loss with each impl, unlocked and with one of the two locked layouts (compile time).
+CASES = [(loss, impl, lock) for loss in ("clip", "siglip") for impl in ("all_gather", "ring")
+         for lock in ("unlocked", "image_locked" if loss == "clip" else "text_locked_head")]
+
+
+@pytest.mark.parametrize("loss,impl,lock", CASES, ids=["-".join(c) for c in CASES])
+def test_four_microbatches_equal_the_full_batch(loss, impl, lock):
+    overrides = (SIGLIP if loss == "siglip" else []) + [f"loss.impl={impl}"] + LOCKS[lock]
+    cfg, m, state, batch = _setup(overrides)
+    if lock == "image_locked":
+        assert "image" not in state.params and "image" in state.frozen
+    if lock == "text_locked_head":
+        assert "text" in state.frozen and "text_head" in state.params
+    ref, acc = _reference_and_accumulated(cfg, m, 4)(state, batch)
+    worst = _assert_same(ref, acc)
+    print(f"{loss}/{impl}/{lock}: loss {float(ref[0][0]):.7f} vs {float(acc[0][0]):.7f}, "
+          f"max |grad difference| / max |grad| {worst:.2e}")
+    if impl == "all_gather" and lock != "text_locked_head":
+        # The image tower runs in pass 1 and again in pass 3, unless nothing in it trains.
+        assert _image_tower_runs(cfg, m, 4) == (1 if lock == "image_locked" else 2)
+
+
+def _image_tower_runs(cfg, m, k):
+    """How many times loss_and_grads' program multiplies by the patch-embedding kernel."""
+    objective = losses.objective_over_mesh(cfg.loss, m.mesh)
+
+    def fn(state, batch):
+        images = pipeline.normalize_images(batch["image"], cfg.data.mean, cfg.data.std)
+        return accumulate.loss_and_grads(m.graphdef, state.params, state.frozen, images,
+                                         batch["text"], objective, k, mesh=m.mesh)
+
+    p, w = cfg.model.image.patch_size, cfg.model.image.width
+    traced = jax.jit(fn).trace(m.abstract_state, train.batch_specs(cfg, m.mesh))
+
+    def count(jaxpr):
+        n = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general" and any(
+                    getattr(v.aval, "shape", None) == (p, p, 3, w) for v in eqn.invars):
+                n += 1
+            for sub in jax.tree.leaves(eqn.params, is_leaf=lambda x: hasattr(x, "eqns")
+                                       or hasattr(x, "jaxpr")):
+                if hasattr(sub, "jaxpr") or hasattr(sub, "eqns"):
+                    n += count(getattr(sub, "jaxpr", sub))
+        return n
+
+    return count(traced.jaxpr.jaxpr)
+
+
+def test_token_objective_gets_token_gradients():
+    """A token-level objective (enc.image_tokens / text_tokens / text_mask, FILIP-like) through
+    the same three passes: the token embeddings' gradient reaches the towers."""
+
+    def objective(enc):
+        # Mean of the real text tokens and of the patch tokens, as extra embeddings in a dense
+        # InfoNCE next to the pooled one.
+        mask = enc.text_mask[..., None].astype(jnp.float32)
+        txt = l2_normalize((enc.text_tokens * mask).sum(1) / mask.sum(1))
+        img = l2_normalize(enc.image_tokens.mean(1))
+        labels = jnp.arange(img.shape[0])
+        scale = jnp.exp(enc.logit_scale)
+        total = 0.0
+        for a, b in ((img, txt), (enc.image_emb, enc.text_emb)):
+            logits = scale * a @ b.T
+            total += -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
+        return total, {}
+
+    cfg, m, state, batch = _setup([])
+    ref, acc = _reference_and_accumulated(cfg, m, 4, objective=objective, tokens=True)(state,
+                                                                                       batch)
+    worst = _assert_same(ref, acc)
+    print(f"tokens: max |grad difference| / max |grad| {worst:.2e}")
+
+
+def test_microbatches_must_divide_the_per_device_batch():
+    accumulate.check_microbatches(256, 8, 4)
+    accumulate.check_microbatches(256, 8, 1)
+    with pytest.raises(config.ConfigError, match=r"train.microbatches=3 does not divide the "
+                                                 r"per-device batch 32"):
+        accumulate.check_microbatches(256, 8, 3)
+    with pytest.raises(config.ConfigError, match="must be >= 1"):
+        accumulate.check_microbatches(256, 8, 0)
+
+
+def test_activation_memory_falls_with_the_number_of_microbatches():
+    """Compile-only: XLA's planned temp memory per device of the whole loss-and-gradient program.
+
+    A model whose activations dominate (64 patch tokens, width 64, 2 blocks, batch 256 on 8
+    devices) against parameters of ~0.2 M; the embeddings (B x 32) are all the accumulated
+    program keeps besides one micro-batch's activations.
+    """
+    overrides = ["model.image.image_size=32", "model.image.width=64", "model.image.depth=2",
+                 "model.text.width=64", "model.text.depth=2", "train.batch_size=256"]
+    cfg, m, _, _ = _setup(overrides)
+    objective = losses.objective_over_mesh(cfg.loss, m.mesh)
+
+    def temp_mb(k):
+        def fn(state, batch):
+            images = pipeline.normalize_images(batch["image"], cfg.data.mean, cfg.data.std)
+            return accumulate.loss_and_grads(
+                m.graphdef, state.params, state.frozen, images, batch["text"], objective, k,
+                mesh=m.mesh, grad_shardings=m.state_shardings.params)
+
+        jitted = jax.jit(fn, in_shardings=(m.state_shardings, sharding.batch_sharding(m.mesh)))
+        compiled = jitted.lower(m.abstract_state, train.batch_specs(cfg, m.mesh)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+    one, four = temp_mb(1), temp_mb(4)
+    print(f"temp per device: k=1 {one:.2f} MiB, k=4 {four:.2f} MiB ({four / one:.2f}x)")
+    assert four < 0.5 * one
