@@ -102,27 +102,28 @@ def plan(cfg) -> dict:
 
 
 def _report(r: dict) -> str:
-    gib = 2.0**30
+    def mib(key: str) -> str:
+        return f"{r[key] / 2**20:12,.1f} MiB"
+
     mesh = ", ".join(f"{k}={v}" for k, v in r["mesh"].items())
-    rows = [
+    return "\n".join([
         f"{r['model']} {r['dtype']}, remat {r['remat']}, {r['loss']} ({r['loss_impl']}); global "
         f"batch {r['global_batch']:,} on {r['devices']} {r['platform']} devices ({mesh}), "
         f"jax {r['jax']}",
         "per device:",
-        f"  parameters       {r['param_bytes'] / gib:9.3f} GiB",
-        f"  optimizer state  {r['opt_state_bytes'] / gib:9.3f} GiB",
-        f"  batch            {r['batch_bytes'] / gib:9.3f} GiB",
-        f"  arguments (XLA)  {r['argument_bytes'] / gib:9.3f} GiB",
-        f"  temp (XLA)       {r['temp_bytes'] / gib:9.3f} GiB",
-        f"  outputs (XLA)    {r['output_bytes'] / gib:9.3f} GiB ({r['alias_bytes'] / gib:.3f} "
-        "aliased to donated arguments)",
-        f"  peak             {r['peak_bytes'] / gib:9.3f} GiB",
+        f"  parameters       {mib('param_bytes')}",
+        f"  optimizer state  {mib('opt_state_bytes')}",
+        f"  batch            {mib('batch_bytes')}",
+        f"  arguments (XLA)  {mib('argument_bytes')}",
+        f"  temp (XLA)       {mib('temp_bytes')}",
+        f"  outputs (XLA)    {mib('output_bytes')} ({r['alias_bytes'] / 2**20:,.1f} MiB aliased "
+        "to donated arguments)",
+        f"  peak             {mib('peak_bytes')}",
         f"  FLOPs per step   {r['analytic_flops_per_device']:.3e} analytic, "
-        f"{r['xla_flops_per_device']:.3e} XLA cost analysis",
+        f"{r['xla_flops_per_device']:.3e} XLA cost analysis (loop bodies counted once)",
         f"analytic FLOPs per sample {r['flops_per_sample']:.3e}; compile "
         f"{r['compile_seconds']:.1f} s",
-    ]
-    return "\n".join(rows)
+    ])
 
 
 def main(argv: list[str] | None = None) -> dict:
