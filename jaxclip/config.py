@@ -126,6 +126,10 @@ def defaults() -> ConfigDict:
     c.train = t = ConfigDict()
     t.steps = 1000
     t.batch_size = 256  # global batch, split over hosts and devices
+    # Exact gradient accumulation (GradCache, jaxclip.accumulate): the full global batch's
+    # gradient, every negative included, with about 1/k of the activation memory, for one extra
+    # forward pass. Must divide the per-device batch.
+    t.microbatches = 1
     t.log_every = 50
     t.ckpt_every = 500  # 0 disables periodic checkpoints (a final one is still written)
     t.keep_ckpts = 2  # keep the latest N ...
@@ -278,6 +282,20 @@ def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ConfigDict:
 
         _merge(cfg, {"model": model_overrides(name)})
     _merge(cfg, user)
+    for item in overrides:
+        apply_override(cfg, item)
+    validate(cfg)
+    return cfg
+
+
+def load_or_size(spec: str | None, model_name: str, overrides=()) -> ConfigDict:
+    """The config file `spec` with `overrides`, or without one the defaults with the registry
+    size `model_name` (standard geometry), then the overrides (what the tools/ benchmarks take)."""
+    if spec:
+        return load(spec, overrides)
+    from jaxclip.models.sizes import model_overrides
+
+    cfg = from_dict({"model": dict(model_overrides(model_name), name=model_name)})
     for item in overrides:
         apply_override(cfg, item)
     validate(cfg)

@@ -43,15 +43,9 @@ def main(argv: list[str] | None = None) -> dict:
     import orbax.checkpoint as ocp
 
     from jaxclip import checkpoint, cli, config, integrity, train
-    from jaxclip.models.sizes import model_overrides
 
     overrides = cli._split_overrides(extra)
-    if args.config:
-        cfg = config.load(args.config, overrides)
-    else:
-        cfg = config.from_dict({"model": dict(model_overrides(args.model), name=args.model)})
-        for item in overrides:
-            config.apply_override(cfg, item)
+    cfg = config.load_or_size(args.config, args.model, overrides)
     m = train.build(cfg)
     state = train.init_state(m)
     jax.block_until_ready(state)

@@ -48,17 +48,10 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
 
     from jaxclip import cli, config, flops, sharding, train
-    from jaxclip.models.sizes import model_overrides
 
     try:
         overrides = cli._split_overrides(extra)
-        if args.config:
-            cfg = config.load(args.config, overrides)
-        else:
-            cfg = config.from_dict({"model": dict(model_overrides(args.model), name=args.model)})
-            for item in overrides:
-                config.apply_override(cfg, item)
-            config.validate(cfg)
+        cfg = config.load_or_size(args.config, args.model, overrides)
     except (config.ConfigError, FileNotFoundError, KeyError) as e:
         raise SystemExit(f"bench_train: bad config: {e}") from None
     m = train.build(cfg)

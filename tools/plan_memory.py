@@ -143,16 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ["JAX_PLATFORMS"] = "cpu"  # the fake devices are CPU devices
 
     from jaxclip import cli, config
-    from jaxclip.models.sizes import model_overrides
 
     try:
         overrides = cli._split_overrides(extra)
-        if args.config:
-            cfg = config.load(args.config, overrides)
-        else:
-            cfg = config.from_dict({"model": dict(model_overrides(args.model), name=args.model)})
-            for item in overrides:
-                config.apply_override(cfg, item)
+        cfg = config.load_or_size(args.config, args.model, overrides)
         if args.mesh:
             cfg.mesh.update(parse_mesh(args.mesh))
         if args.batch:
