@@ -12,6 +12,16 @@ always does). A multi-process launch is recognised from its environment:
              none of the variables above (`launch/tpu_qr.sh` sets it). JAXCLIP_DISTRIBUTED=0
              never initialises, whatever the environment says.
 On CPU, multi-process runs use gloo collectives. This must run before anything touches devices.
+
+Multi-process CPU runs never use the persistent compilation cache (`cpu_compilation_cache_off`):
+with jaxlib 0.12.1 a gloo program that process 0 loads from the cache while the other processes
+compile it hangs in its first collective: every device of every process waits inside the same
+`gloo::allgather`, forever, without an error. Only process 0 ever hits (the processes' cache keys
+differ on CPU, and only process 0 writes), so every rerun of a multi-process CPU job with a warm
+cache could hang. Measured with a 2-process x 4-device program of two all-gathers: 5 of 5 runs on
+a warm cache hung, 0 of 5 on a cold one, 0 of 5 warm ones on jaxlib 0.10.2 (launch/README.md);
+`test_a_warm_compilation_cache_does_not_hang_a_job` keeps it fixed. Nothing is lost by it: the
+processes other than 0 compile anyway, and the first collective waits for the slowest of them.
 """
 
 from __future__ import annotations
@@ -70,7 +80,21 @@ def maybe_initialize(env=os.environ) -> bool:
     else:
         jax.distributed.initialize()  # auto-detects SLURM, Cloud TPU (VM and GKE), Kubernetes
     _initialized = True
+    cpu_compilation_cache_off()
     logging.info("distributed (%s): process %d of %d, %d local / %d global devices", kind,
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
+    return True
+
+
+def cpu_compilation_cache_off() -> bool:
+    """Turns the persistent compilation cache off in a multi-process CPU job (see the module
+    docstring for the hang it prevents); returns whether it did. Must run before the first
+    compilation: JAX decides once, at its first compile, whether the cache is used."""
+    if jax.process_count() == 1 or jax.default_backend() != "cpu":
+        return False
+    if jax.config.jax_enable_compilation_cache:
+        logging.info("multi-process CPU job: persistent compilation cache off (gloo programs "
+                     "loaded from it hang with jaxlib 0.12; see jaxclip/distributed.py)")
+    jax.config.update("jax_enable_compilation_cache", False)
     return True

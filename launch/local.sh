@@ -25,10 +25,15 @@
 # from them. Output lines are prefixed with "[r] ".
 #
 # Signals and failures: SIGTERM, SIGINT and SIGHUP are forwarded to every process (a second
-# SIGINT kills them at once). When a process exits non-zero, the others get SIGTERM, so a
-# crashed rank never leaves its peers waiting in a collective. A process still alive
-# --term-timeout seconds after SIGTERM is killed with its process group. The exit status is
-# the first non-zero status of a process in the order they ended (128+N for signal N), else 0.
+# SIGINT kills them at once). When a process exits non-zero (or is killed, SIGKILL included), the
+# others get SIGTERM, so a crashed rank never leaves its peers waiting in a collective. A process
+# still alive --term-timeout seconds after SIGTERM is killed with its process group. The exit
+# status is the first non-zero status of a process in the order they ended (128+N for signal N),
+# else 0.
+# No orphans: if this launcher itself dies without cleaning up (SIGKILL, a test's timeout, the OOM
+# killer), its processes die with it. Each is started with the kernel's parent-death signal
+# (PR_SET_PDEATHSIG=SIGKILL, through util-linux's setpriv; Linux), and a watcher process of its
+# own kills every process group the launcher started as soon as the launcher is gone (any OS).
 #
 # Examples:
 #   launch/local.sh -n 2 --cpu-devices-per-process 4 -- \
@@ -120,10 +125,16 @@ status=0 stopping=0 deadline=0 interrupts=0
 exec 3>&2
 say() { note "$@" 2>&3; }
 
+watcher=""
 # shellcheck disable=SC2317  # (called from traps)
 cleanup() {
   local pid
   for pid in ${pids[@]+"${pids[@]}"}; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+  if [ -n "$watcher" ]; then  # a clean exit: the watcher has nothing left to do
+    tell_watcher "done"
+    exec 4>&-
+    wait "$watcher" 2>/dev/null || true
+  fi
   rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -167,6 +178,41 @@ case "$(awk -W version 2>&1 || true)" in *mawk*) awk_cmd+=(-W interactive) ;; es
 # a pipe up to PIPE_BUF bytes); mawk's `print` writes the line and its newline separately, so
 # two ranks' lines could interleave mid-line.
 
+# Parent-death signal (Linux, util-linux >= 2.33): `setpriv --pdeathsig KILL` sets
+# PR_SET_PDEATHSIG before it execs the command, so the kernel sends the process SIGKILL when this
+# launcher dies, however it dies: nothing has to survive to do it, which is why it is used even
+# though the watcher below covers the same ground. It reaches the process itself, not what the
+# process started (the watcher kills whole process groups), and it does not exist outside Linux.
+pdeathsig=()
+case "$(setpriv --help 2>&1 || true)" in *--pdeathsig*) pdeathsig=(setpriv --pdeathsig KILL --) ;; esac
+
+# The watcher: a subshell in a process group of its own (a kill aimed at this launcher's group
+# misses it) that ignores INT, TERM and HUP and reads a pipe only this launcher writes to: the
+# process group of each process it starts, then "done" on a clean exit (the EXIT trap). When the
+# pipe reports end-of-file without "done", the launcher is gone (SIGKILL, a crash), and the
+# watcher kills every process group it was told about, the processes' own children included. No
+# polling: end-of-file arrives the moment the launcher's end of the pipe closes, which is why the
+# processes and the output readers are started without it (4>&-).
+mkfifo "$tmp/watch"
+set -m
+(
+  trap '' INT TERM HUP
+  groups=() clean=0
+  while read -r line; do
+    case "$line" in done) clean=1 ;; *) groups+=("$line") ;; esac
+  done
+  if [ "$clean" = 0 ] && [ "${#groups[@]}" -gt 0 ]; then
+    note "the launcher is gone: killing its ${#groups[@]} processes"
+    for group in "${groups[@]}"; do kill -KILL -- "-$group" 2>/dev/null || true; done
+  fi
+) <"$tmp/watch" >/dev/null 2>&3 &
+watcher=$!
+set +m
+exec 4>"$tmp/watch"
+# A subshell writes, so that a watcher killed by hand (a closed pipe: SIGPIPE) cannot take this
+# launcher down with it.
+tell_watcher() { (printf '%s\n' "$1" >&4) 2>/dev/null || true; }
+
 # Job control: every process leads its own process group, so a terminal's Ctrl-C reaches only
 # this launcher (which forwards it once) and a process tree can be killed as a whole.
 set -m
@@ -178,7 +224,7 @@ for ((r = 0; r < nproc; r++)); do
   # shellcheck disable=SC2016  # (an awk program)
   "${awk_cmd[@]}" -v prefix="[$r] " -v logfile="$log" \
     '{ printf "%s", prefix $0 "\n"; fflush(); if (logfile != "") { print > logfile; fflush(logfile) } }' \
-    <"$fifo" &
+    <"$fifo" 4>&- &
   readers[r]=$!
   local_ids=""
   if [ -n "$gpus_per_process" ]; then
@@ -187,9 +233,10 @@ for ((r = 0; r < nproc; r++)); do
     done
   fi
   JAXCLIP_PROCESS_ID="$r" JAXCLIP_LOCAL_DEVICE_IDS="${local_ids:-${JAXCLIP_LOCAL_DEVICE_IDS:-}}" \
-    "$@" </dev/null >"$fifo" 2>&1 &
+    ${pdeathsig[@]+"${pdeathsig[@]}"} "$@" </dev/null >"$fifo" 2>&1 4>&- &
   pids[r]=$!
   states[r]=running
+  tell_watcher "${pids[r]}"
 done
 set +m
 running="${#pids[@]}"

@@ -1,6 +1,8 @@
 """The launch/ scripts: shellcheck and syntax, the local multi-process launcher (a real 2-process
-JAX job over gloo, failure and signal handling), the SLURM batch script run end to end through a
-stand-in `srun`, and the cloud scripts' dry runs (the commands they would run, parsed back).
+JAX job over gloo, failure and signal handling, no process left behind when the launcher is
+killed), the SLURM batch script run end to end through a stand-in `srun`, and the cloud scripts'
+dry runs (the commands they would run, parsed back). Every job runs under a deadline, and none of
+its processes may outlive the test (`run_job`, `tagged_job`; also used by tests/test_multihost.py).
 
 Real pods and clusters are out of reach here; what runs on them is checked as far as it can be
 locally: the exact remote shell commands tpu_qr.sh sends to TPU workers are executed on this
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -54,6 +57,83 @@ def _env(*, drop: tuple[str, ...] = (), **extra) -> dict:
 def _run(args, *, env=None, timeout=60, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(args, env=env or _env(), capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, **kw)
+
+
+# ---- multi-process jobs that cannot outlive their test -------------------------------------------
+#
+# Every job a test starts carries JAXCLIP_TEST_JOB=<a fresh id> in its environment, which all its
+# processes inherit and cannot drop (/proc/PID/environ is the environment they started with): that
+# finds them wherever they are, re-parented or in process groups of their own. A test fails if any
+# of them is still alive shortly after the launcher ended, and kills them, so one broken test does
+# not leave processes behind for the next.
+
+JOB_TAG = "JAXCLIP_TEST_JOB"
+
+
+def job_processes(tag: str) -> list[int]:
+    """Pids of the live processes started with JAXCLIP_TEST_JOB=tag (Linux; [] elsewhere)."""
+    found = []
+    marker = f"{JOB_TAG}={tag}".encode()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, a zombie, or not ours to read
+            continue
+    return found
+
+
+def assert_no_survivors(tag: str, grace: float = 10.0) -> None:
+    """Waits up to `grace` s for the job's processes to end, then kills what is left and fails."""
+    deadline = time.monotonic() + grace
+    while (left := job_processes(tag)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not left:
+        return
+    described = []
+    for pid in left:
+        with contextlib.suppress(OSError):
+            described.append(f"{pid}: {(Path('/proc') / str(pid) / 'cmdline').read_bytes()!r}")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    raise AssertionError("processes outlived their launcher:\n" + "\n".join(described))
+
+
+@contextlib.contextmanager
+def tagged_job(args, *, env=None, **popen):
+    """Starts `args` (a launcher) in a session of its own with a fresh JAXCLIP_TEST_JOB tag; on
+    the way out, a launcher still running gets SIGKILL on its process group (what a CI timeout
+    does) and no process of the job may survive."""
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen(args, env=dict(env or _env(), **{JOB_TAG: tag}), cwd=REPO, text=True,
+                            start_new_session=True, **popen)
+    proc.tag = tag
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+        assert_no_survivors(tag)
+
+
+def run_job(args, *, timeout: float, env=None) -> subprocess.CompletedProcess:
+    """Runs a launcher command to the end within `timeout` s, its processes included: past it,
+    the launcher's process group is killed and the test fails (with the output so far)."""
+    with tagged_job(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            # The launcher is dead; its processes die with it (that is tested), so the pipes close.
+            out, err = proc.communicate(timeout=30)
+            raise AssertionError(f"{shlex.join(map(str, args))} ran past {timeout} s:\n"
+                                 f"{out[-3000:]}\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 def _dry(script: str, *args, **env) -> list[list[str]]:
@@ -140,7 +220,9 @@ CHILD = textwrap.dedent("""
     x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("d")), local)
     total = jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(mesh, P()))(x)
     ranks = multihost_utils.process_allgather(np.array([rank]))
-    print(f"RESULT rank={rank} processes={jax.process_count()} devices={jax.device_count()} "
+    # The leading newline: gloo's C++ threads log "connected to N peer ranks" in several writes,
+    # and one of them can land in the middle of this line (seen once in 16 runs under load).
+    print(f"\\nRESULT rank={rank} processes={jax.process_count()} devices={jax.device_count()} "
           f"local={jax.local_device_count()} sum={float(total)} ranks={ranks.ravel().tolist()}",
           flush=True)
 """)
@@ -148,8 +230,8 @@ EXPECTED = "processes=2 devices=8 local=4 sum=12.0 ranks=[0, 1]"
 
 
 def test_local_two_processes_share_a_jax_job():
-    out = _run([str(LAUNCH / "local.sh"), "-n", "2", "--cpu-devices-per-process", "4", "--",
-                sys.executable, "-c", CHILD], timeout=120)
+    out = run_job([str(LAUNCH / "local.sh"), "-n", "2", "--cpu-devices-per-process", "4", "--",
+                   sys.executable, "-c", CHILD], timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     for rank in (0, 1):
         # Output lines carry the rank prefix.
@@ -157,9 +239,10 @@ def test_local_two_processes_share_a_jax_job():
 
 
 def test_local_prefixes_logs_and_passes_the_environment(tmp_path):
-    out = _run([str(LAUNCH / "local.sh"), "-n", "3", "--port", "23456", "--log-dir",
-                str(tmp_path), "--", "sh", "-c",
-                'echo "$JAXCLIP_PROCESS_ID/$JAXCLIP_NUM_PROCESSES@$JAXCLIP_COORDINATOR"; echo err >&2'])
+    out = run_job([str(LAUNCH / "local.sh"), "-n", "3", "--port", "23456", "--log-dir",
+                   str(tmp_path), "--", "sh", "-c",
+                   'echo "$JAXCLIP_PROCESS_ID/$JAXCLIP_NUM_PROCESSES@$JAXCLIP_COORDINATOR"; '
+                   'echo err >&2'], timeout=60)
     assert out.returncode == 0, out.stderr
     for r in range(3):
         assert f"[{r}] {r}/3@localhost:23456" in out.stdout and f"[{r}] err" in out.stdout
@@ -167,15 +250,15 @@ def test_local_prefixes_logs_and_passes_the_environment(tmp_path):
 
 
 def test_local_gpus_per_process_sets_device_ids():
-    out = _run([str(LAUNCH / "local.sh"), "-n", "2", "--gpus-per-process", "3", "--",
-                "sh", "-c", 'echo "ids=$JAXCLIP_LOCAL_DEVICE_IDS"'])
+    out = run_job([str(LAUNCH / "local.sh"), "-n", "2", "--gpus-per-process", "3", "--",
+                   "sh", "-c", 'echo "ids=$JAXCLIP_LOCAL_DEVICE_IDS"'], timeout=60)
     assert "[0] ids=0,1,2" in out.stdout and "[1] ids=3,4,5" in out.stdout, out.stdout
 
 
 def test_local_replaces_an_inherited_device_count():
-    out = _run([str(LAUNCH / "local.sh"), "-n", "1", "--cpu-devices-per-process", "2", "--",
-                "sh", "-c", 'echo "$JAX_PLATFORMS|$XLA_FLAGS"'],
-               env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_dump_to=/x"))
+    out = run_job([str(LAUNCH / "local.sh"), "-n", "1", "--cpu-devices-per-process", "2", "--",
+                   "sh", "-c", 'echo "$JAX_PLATFORMS|$XLA_FLAGS"'], timeout=60,
+                  env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_dump_to=/x"))
     assert "[0] cpu|--xla_dump_to=/x --xla_force_host_platform_device_count=2" in out.stdout
 
 
@@ -188,8 +271,8 @@ def test_local_rejects_bad_usage(args):
 
 def test_local_failing_process_stops_the_others():
     start = time.monotonic()
-    out = _run([str(LAUNCH / "local.sh"), "-n", "3", "--term-timeout", "5", "--", "sh", "-c",
-                'if [ "$JAXCLIP_PROCESS_ID" = 1 ]; then exit 3; fi; sleep 60'], timeout=30)
+    out = run_job([str(LAUNCH / "local.sh"), "-n", "3", "--term-timeout", "5", "--", "sh", "-c",
+                   'if [ "$JAXCLIP_PROCESS_ID" = 1 ]; then exit 3; fi; sleep 60'], timeout=30)
     # The first failure's status wins; the sleeping ranks got SIGTERM at once (sh dies of it,
     # its `sleep` child goes with the process group).
     assert out.returncode == 3, out.stderr
@@ -197,15 +280,17 @@ def test_local_failing_process_stops_the_others():
     assert "process 1 exited with status 3" in out.stderr
 
 
-def _launch_in_background(args, ready_lines: int):
-    proc = subprocess.Popen(args, env=_env(), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    lines = []
-    while len([x for x in lines if "ready" in x]) < ready_lines:
-        line = proc.stdout.readline()
-        assert line, f"launcher ended early: {lines} {proc.stderr.read()}"
-        lines.append(line)
-    return proc, lines
+@contextlib.contextmanager
+def _launched(args, ready_lines: int, env=None):
+    """local.sh (or any launcher) running in the background, once `ready_lines` of its output
+    lines contain "ready"; its processes may not outlive the test (tagged_job)."""
+    with tagged_job(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        lines = []
+        while len([x for x in lines if "ready" in x]) < ready_lines:
+            line = proc.stdout.readline()
+            assert line, f"launcher ended early: {lines} {proc.stderr.read()}"
+            lines.append(line)
+        yield proc, lines
 
 
 def test_local_forwards_sigterm_to_every_process():
@@ -216,10 +301,10 @@ def test_local_forwards_sigterm_to_every_process():
              "signal.signal(signal.SIGTERM, stop)\n"
              "print(f'rank {r} ready', flush=True)\n"
              "time.sleep(60)\n")
-    proc, lines = _launch_in_background(
-        [str(LAUNCH / "local.sh"), "-n", "2", "--", sys.executable, "-c", child], 2)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=30)
+    with _launched([str(LAUNCH / "local.sh"), "-n", "2", "--", sys.executable, "-c", child],
+                   2) as (proc, lines):
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
     lines += stdout.splitlines(keepends=True)
     assert proc.returncode == 7, stderr  # the processes' own status after a clean stop
     for r in (0, 1):
@@ -232,15 +317,84 @@ def test_local_kills_a_process_that_ignores_sigterm():
              "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
              "print('ready', flush=True)\n"
              "time.sleep(60)\n")
-    proc, _ = _launch_in_background(
-        [str(LAUNCH / "local.sh"), "-n", "2", "--term-timeout", "1", "--", sys.executable, "-c",
-         child], 2)
-    start = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=30)
+    with _launched([str(LAUNCH / "local.sh"), "-n", "2", "--term-timeout", "1", "--",
+                    sys.executable, "-c", child], 2) as (proc, _):
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGKILL, stderr
     assert time.monotonic() - start < 8
     assert "still running: killing it" in stderr and "Killed" not in stderr
+
+
+def test_local_rank_killed_by_sigkill_stops_the_others():
+    """A rank that dies of SIGKILL (the OOM killer) gets its peers stopped: SIGTERM first, SIGKILL
+    after --term-timeout for the one that ignores it (a rank stuck in a collective)."""
+    start = time.monotonic()
+    out = run_job([str(LAUNCH / "local.sh"), "-n", "3", "--term-timeout", "2", "--", "sh", "-c",
+                   'if [ "$JAXCLIP_PROCESS_ID" = 1 ]; then sleep 0.5; kill -KILL $$; fi; '
+                   'if [ "$JAXCLIP_PROCESS_ID" = 2 ]; then trap "" TERM; fi; sleep 60'],
+                  timeout=30)
+    assert out.returncode == 128 + signal.SIGKILL, out.stderr
+    assert time.monotonic() - start < 15
+    assert "process 1 exited with status 137" in out.stderr
+    assert "process 2 is still running: killing it" in out.stderr
+
+
+# Each rank starts a child of its own (a data-loader worker, say) and then waits.
+RANK_WITH_A_CHILD = ("import subprocess, sys, time\n"
+                     "child = subprocess.Popen(['sleep', '300'])\n"
+                     "print('ready', flush=True)\n"
+                     "time.sleep(300)\n")
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_local_killed_by_sigkill_leaves_no_process_behind():
+    """SIGKILL on the launcher alone (what a test's or CI's timeout does): its watcher kills every
+    process group it started, so the ranks and their own children all go."""
+    with _launched([str(LAUNCH / "local.sh"), "-n", "2", "--", sys.executable, "-c",
+                    RANK_WITH_A_CHILD], 2) as (proc, _):
+        # launcher, watcher, 2 output readers, 2 ranks, 2 children
+        assert len(job_processes(proc.tag)) >= 8
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert_no_survivors(proc.tag)
+        assert "the launcher is gone: killing its 2 processes" in proc.stderr.read()
+
+
+@pytest.mark.skipif("--pdeathsig" not in (subprocess.run(["setpriv", "--help"], capture_output=True,
+                                                         text=True).stdout
+                                          if shutil.which("setpriv") else ""),
+                    reason="needs util-linux setpriv with --pdeathsig (Linux)")
+def test_local_ranks_die_with_the_launcher_even_without_its_watcher():
+    """SIGKILL on the launcher and its watcher together: the kernel's parent-death signal still
+    ends every rank. (Not the ranks' own children: that is the watcher's part.)"""
+    with _launched([str(LAUNCH / "local.sh"), "-n", "2", "--", sys.executable, "-c",
+                    RANK_WITH_A_CHILD], 2) as (proc, _):
+        cmdlines = {p: Path(f"/proc/{p}/cmdline").read_bytes() for p in _children(proc.pid)}
+        ranks = [p for p, c in cmdlines.items() if c.startswith(sys.executable.encode())]
+        # The watcher is a subshell of the launcher: the same command line.
+        watcher = [p for p, c in cmdlines.items()
+                   if c == Path(f"/proc/{proc.pid}/cmdline").read_bytes()]
+        assert len(ranks) == 2 and len(watcher) == 1, cmdlines
+        grandchildren = [c for r in ranks for c in _children(r)]
+        os.kill(watcher[0], signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{r}").exists() for r in ranks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        alive = [r for r in ranks if Path(f"/proc/{r}/status").exists() and
+                 "zombie" not in Path(f"/proc/{r}/status").read_text()]
+        assert not alive, alive
+        for pid in grandchildren:  # expected to survive here; not left for the next test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 # ---- env files and worker.sh ------------------------------------------------------------------
@@ -340,8 +494,8 @@ def test_slurm_batch_script_runs_a_jax_job(fake_slurm):
     tmp_path, env = fake_slurm
     env.update(GPUS_PER_NODE="2", JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    out = _run([BASH, str(LAUNCH / "gpu_slurm.sbatch"), "--", sys.executable, "-c", CHILD],
-               env=env, timeout=120)
+    out = run_job([BASH, str(LAUNCH / "gpu_slurm.sbatch"), "--", sys.executable, "-c", CHILD],
+                  env=env, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "srun --kill-on-bad-exit=1 --nodes=1 --gpus-per-node=2" in out.stdout
     for rank in (0, 1):
@@ -353,16 +507,11 @@ def test_slurm_time_limit_stops_tasks_and_requeues(fake_slurm):
     tmp_path, env = fake_slurm
     task = ('trap \'echo "task $SLURM_PROCID stopped"; exit 143\' TERM; '
             'echo "task $SLURM_PROCID ready"; while :; do sleep 0.1; done')
-    proc = subprocess.Popen([BASH, str(LAUNCH / "gpu_slurm.sbatch"), "--", "sh", "-c", task],
-                            env=dict(env, GPUS_PER_NODE="2"), cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    ready = 0
-    while ready < 2:
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read()
-        ready += "ready" in line
-    proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 delivers
-    stdout, stderr = proc.communicate(timeout=30)
+    env["GPUS_PER_NODE"] = "2"
+    with _launched([BASH, str(LAUNCH / "gpu_slurm.sbatch"), "--", "sh", "-c", task], 2,
+                   env=env) as (proc, _):
+        proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 delivers
+        stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 143, stderr
     assert "task 0 stopped" in stdout and "task 1 stopped" in stdout
     assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", env["SLURM_JOB_ID"]]
