@@ -17,6 +17,7 @@ continues at the restored step, so a resumed run sees the batches an uninterrupt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -29,11 +30,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxclip import checkpoint, config, flops, losses, optim, runlock, sharding, tree
+from jaxclip import accumulate, checkpoint, config, flops, losses, optim, runlock, sharding, tree
 from jaxclip.data import pipeline, stream
 from jaxclip.metrics import Goodput, LogWindow, MetricWriter, NonFiniteLossError
 from jaxclip.models import build_model
 from jaxclip.preemption import Preempted, PreemptionWatcher
+from jaxclip.watchdog import Watchdog
 
 __all__ = ["Model", "NonFiniteLossError", "Preempted", "TrainState", "build", "init_state",
            "make_encoders", "make_train_step", "train"]
@@ -128,6 +130,7 @@ def make_train_step(m: Model):
     objective = losses.objective_over_mesh(cfg.loss, m.mesh)
     tokens = losses.needs_tokens(cfg.loss)
     lr = optim.learning_rate(cfg.optim, cfg.train.steps)
+    microbatches = cfg.train.microbatches
 
     def step(state: TrainState, batch: dict):
         images = pipeline.normalize_images(batch["image"], cfg.data.mean, cfg.data.std)
@@ -138,8 +141,14 @@ def make_train_step(m: Model):
             loss, metrics = objective(enc)
             return loss, (metrics, enc.logit_scale, enc.logit_bias)
 
-        (loss, (metrics, scale, bias)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params)
+        if microbatches > 1:  # the full batch's gradient with 1/k of the activations
+            (loss, (metrics, scale, bias)), grads = accumulate.loss_and_grads(
+                m.graphdef, state.params, state.frozen, images, batch["text"], objective,
+                microbatches, return_tokens=tokens, mesh=m.mesh,
+                grad_shardings=m.state_shardings.params)
+        else:
+            (loss, (metrics, scale, bias)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params)
         updates, opt_state = m.tx.update(grads, state.opt_state, state.params)
         params = _clamp_logit_scale(optax.apply_updates(state.params, updates), cfg.loss)
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
@@ -231,6 +240,11 @@ def preflight(cfg) -> dict:
         raise config.ConfigError(
             f"train.batch_size={cfg.train.batch_size} is not divisible by the {divisor} devices "
             f"of the mesh's batch axes (data x fsdp) and the {jax.process_count()} processes")
+    per_device = cfg.train.batch_size // divisor
+    accumulate.check_microbatches(cfg.train.batch_size, divisor, cfg.train.microbatches)
+    if cfg.loss.impl == "ring" and cfg.loss.tile and per_device % cfg.loss.tile:
+        raise config.ConfigError(f"loss.tile={cfg.loss.tile} does not divide the per-device batch "
+                                 f"{per_device} (train.batch_size / data x fsdp)")
     for name, e in cfg.evals.items():
         try:
             evals.resolve(name, e)
@@ -294,18 +308,41 @@ def _train_locked(cfg, workdir: str, stop_at: int | None, checked: dict,
     m = build(cfg, checked["mesh"])
     ckpt = checkpoint.Checkpointer(workdir, every=cfg.train.ckpt_every, keep=cfg.train.keep_ckpts,
                                    keep_every=cfg.train.keep_every)
+    watchdog = make_watchdog(cfg.train)
     try:
-        return _run(cfg, workdir, stop_at, m, ckpt, checked["tokenizer"], invocation_start)
+        return _run(cfg, workdir, stop_at, m, ckpt, checked["tokenizer"], invocation_start,
+                    watchdog)
     finally:
-        ckpt.close()
+        with watchdog.phase("checkpoint", -1):  # the last save's commit can hang too
+            ckpt.close()
+        watchdog.close()
 
 
-def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invocation_start) -> dict:
+class _NoWatchdog:
+    first_floor_s = None
+
+    def phase(self, *args, **kwargs):
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        pass
+
+
+def make_watchdog(train_cfg):
+    """The hang watchdog of `train.watchdog_*` (jaxclip.watchdog), or a stand-in when off."""
+    if not train_cfg.watchdog_multiple:
+        return _NoWatchdog()
+    return Watchdog(multiple=train_cfg.watchdog_multiple, floor_s=train_cfg.watchdog_floor_s,
+                    first_floor_s=train_cfg.watchdog_first_floor_s)
+
+
+def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invocation_start, watchdog) -> dict:
     from jaxclip.evals import Evaluators
 
     n_dev = m.mesh.size
     t0 = time.perf_counter()
-    restored = ckpt.restore_newest(m.abstract_state, current_config=cfg.to_dict())
+    with watchdog.phase("restore", 0):
+        restored = ckpt.restore_newest(m.abstract_state, current_config=cfg.to_dict())
     if restored is not None:
         start, items = restored
         state = items["state"]
@@ -336,7 +373,9 @@ def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invocation_start) -> dict:
         goodput.total_s = prior_total + time.perf_counter() - invocation_start
 
     t0 = time.perf_counter()
-    compiled = make_train_step(m).lower(m.abstract_state, batch_specs(cfg, m.mesh)).compile()
+    with watchdog.phase("compile", start):
+        compiled = make_train_step(m).lower(m.abstract_state,
+                                            batch_specs(cfg, m.mesh)).compile()
     goodput.compile_s += time.perf_counter() - t0
     flops_per_sample = flops.train_flops_per_sample(cfg, cfg.train.batch_size)
     peak, peak_source = flops.device_peak(cfg.model.dtype, cfg.train.peak_tflops)
@@ -346,7 +385,9 @@ def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invocation_start) -> dict:
     end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
     if start == 0:
         t0 = time.perf_counter()
-        if first := evaluators.run(state, 0, at_start=True):
+        with watchdog.phase("eval", 0, limit_s=watchdog.first_floor_s):
+            first = evaluators.run(state, 0, at_start=True)
+        if first:
             writer.write(0, first)
         goodput.eval_s += time.perf_counter() - t0
 
@@ -357,48 +398,65 @@ def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invocation_start) -> dict:
         progress = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step",
                         dynamic_ncols=True)
     profile_from, profile_to = (int(x) for x in cfg.train.profile_steps)
-    watcher = PreemptionWatcher()
+    watcher = PreemptionWatcher(grace_s=cfg.train.stop_grace_s or None)
     window = LogWindow()
     last_logged: dict = {}
-    step = start
+    step, in_flight = start, None
     try:
         while step < end:
-            if step + 1 == profile_from:  # trace steps profile_from..profile_to
-                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            # Watched phases run one after another (never nested), each with its own limit: the
+            # step itself (input, dispatch and, on log/save steps, waiting for the device, where
+            # a hung collective shows), then the save, then evaluation.
             iteration_start = time.perf_counter()
-            host_batch = next(data)
-            waited = time.perf_counter() - iteration_start
-            window.data_wait += waited
-            goodput.data_wait_s += waited
-            window.skipped += int(host_batch.pop("skipped"))
-            batch = sharding.global_batch(host_batch, m.mesh)
-            state, metrics = compiled(state, batch)
-            step += 1
-            window.add(step, metrics)
-            if step == profile_to:
-                jax.block_until_ready(metrics)
-                jax.profiler.stop_trace()
+            with watchdog.phase("step", step + 1):
+                if step + 1 == profile_from:  # trace steps profile_from..profile_to
+                    jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                host_batch = next(data)
+                waited = time.perf_counter() - iteration_start
+                window.data_wait += waited
+                goodput.data_wait_s += waited
+                window.skipped += int(host_batch.pop("skipped"))
+                batch = sharding.global_batch(host_batch, m.mesh)
+                state, metrics = compiled(state, batch)
+                # Run at most one step ahead of the device: the host then waits here for the
+                # previous step, so a phase lasts as long as a device step (the watchdog's
+                # median means something) and a hung collective shows at the next step, not at
+                # the next log line. One queued step keeps the device busy.
+                if in_flight is not None:
+                    in_flight.block_until_ready()
+                in_flight = metrics["loss"]
+                step += 1
+                window.add(step, metrics)
+                if step == profile_to:
+                    jax.block_until_ready(metrics)
+                    jax.profiler.stop_trace()
+                preempted = watcher.should_stop(step)
+                saving = ckpt.should_save(step) or step == end or preempted
+                logging_now = step % cfg.train.log_every == 0 or step == end or preempted
+                if saving or logging_now:
+                    window.sync()  # waits for the step; never checkpoint past a non-finite loss
+                if saving:
+                    jax.block_until_ready(state)
             if progress is not None:
                 progress.update(1)
 
             # Dispatch is asynchronous: device time surfaces wherever the host next waits (a log
-            # line's metric fetch, a checkpoint). Stepping is therefore this iteration's wall time
-            # minus what is accounted elsewhere, and a checkpoint first waits for its step.
+            # line's metric fetch, a checkpoint). Stepping is therefore this iteration's wall
+            # time minus what is accounted elsewhere, and a checkpoint first waits for its step.
             other = waited
-            preempted = watcher.should_stop(step)
-            if ckpt.should_save(step) or step == end or preempted:
-                window.sync()  # never checkpoint past a non-finite loss
-                jax.block_until_ready(state)
+            if saving:
                 t0 = time.perf_counter()
                 account_wall()
-                ckpt.save(step, state, data=stream.stream_state(cfg, step), config=cfg.to_dict(),
-                          progress={"goodput": dataclasses.asdict(goodput)}, force=True)
-                if preempted:
-                    ckpt.wait()
+                with watchdog.phase("checkpoint", step, limit_s=watchdog.first_floor_s):
+                    ckpt.save(step, state, data=stream.stream_state(cfg, step),
+                              config=cfg.to_dict(),
+                              progress={"goodput": dataclasses.asdict(goodput)}, force=True)
+                    if preempted:
+                        ckpt.wait()
                 seconds = time.perf_counter() - t0
                 goodput.checkpoint_s += seconds
                 other += seconds
-            if step % cfg.train.log_every == 0 or step == end or preempted:
+            if logging_now:
                 row = window.summary(cfg.train.batch_size, n_dev, flops_per_sample, peak)
                 goodput.step_s += time.perf_counter() - iteration_start - other
                 other = time.perf_counter() - iteration_start  # counted up to here
@@ -412,7 +470,9 @@ def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invocation_start) -> dict:
             if preempted:
                 raise Preempted(step)
             t0 = time.perf_counter()
-            if eval_metrics := evaluators.run(state, step, final=step == cfg.train.steps):
+            with watchdog.phase("eval", step, limit_s=watchdog.first_floor_s):
+                eval_metrics = evaluators.run(state, step, final=step == cfg.train.steps)
+            if eval_metrics:
                 writer.write(step, eval_metrics)
                 last_logged.update(eval_metrics)
                 seconds = time.perf_counter() - t0

@@ -268,3 +268,40 @@ def test_fingerprints_do_not_depend_on_the_mesh_and_catch_one_flipped_bit():
     bad[3, 4] = np.inf
     assert integrity.finite({"w": bad, "ok": values, "n": np.int32(1)}) == {
         "w": False, "ok": True, "n": True}
+
+
+_STALLED_RUN = '''
+import sys, time
+from jaxclip import config, train
+from jaxclip.data import stream
+
+real = stream.train_stream
+
+def stalling(cfg, start_step, tokenizer):  # step 5's input never arrives (a hung reader)
+    for step, batch in enumerate(real(cfg, start_step, tokenizer), start_step + 1):
+        if step == 5:
+            time.sleep(600)
+        yield batch
+
+stream.train_stream = stalling
+train.train(config.load(sys.argv[1], sys.argv[3:]), sys.argv[2])
+'''
+
+
+def test_a_stalled_step_makes_the_watchdog_exit_naming_the_step(tmp_path):
+    from jaxclip.watchdog import EXIT_HUNG
+
+    script = tmp_path / "stalled.py"
+    script.write_text(_STALLED_RUN)
+    workdir = str(tmp_path / "run")
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, str(script), DEMO, workdir, *TINY, "train.steps=8",
+         "train.watchdog_floor_s=3", "train.watchdog_first_floor_s=120"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO))
+    assert out.returncode == EXIT_HUNG, out.stderr[-3000:]
+    assert "watchdog: step at step 5 has run" in out.stderr
+    assert "in stalling" in out.stderr  # every thread's stack, the stuck one included
+    assert time.perf_counter() - t0 < 200
+    assert _listing(workdir) == ["2", "4"]  # what was saved before the hang is intact
