@@ -192,7 +192,8 @@ case "$(setpriv --help 2>&1 || true)" in *--pdeathsig*) pdeathsig=(setpriv --pde
 # pipe reports end-of-file without "done", the launcher is gone (SIGKILL, a crash), and the
 # watcher kills every process group it was told about, the processes' own children included. No
 # polling: end-of-file arrives the moment the launcher's end of the pipe closes, which is why the
-# processes and the output readers are started without it (4>&-).
+# processes and the output readers are started without it (4>&-, as their first redirection: a
+# child stuck in a later one would otherwise hold the pipe open).
 mkfifo "$tmp/watch"
 set -m
 (
@@ -224,7 +225,7 @@ for ((r = 0; r < nproc; r++)); do
   # shellcheck disable=SC2016  # (an awk program)
   "${awk_cmd[@]}" -v prefix="[$r] " -v logfile="$log" \
     '{ printf "%s", prefix $0 "\n"; fflush(); if (logfile != "") { print > logfile; fflush(logfile) } }' \
-    <"$fifo" 4>&- &
+    4>&- <"$fifo" &
   readers[r]=$!
   local_ids=""
   if [ -n "$gpus_per_process" ]; then
@@ -232,9 +233,15 @@ for ((r = 0; r < nproc; r++)); do
       local_ids="${local_ids:+$local_ids,}$g"
     done
   fi
+  # This launcher opens the pipe's write end itself (which pairs with the reader's open at once)
+  # and hands it over. Were the process to open it, one stopped by SIGTERM before it got that far
+  # (a peer that failed at once) would leave its reader blocked in open() forever, and this
+  # launcher waiting for that reader: seen once in 162 runs of a rank that exits at once.
+  exec 5>"$fifo"
   JAXCLIP_PROCESS_ID="$r" JAXCLIP_LOCAL_DEVICE_IDS="${local_ids:-${JAXCLIP_LOCAL_DEVICE_IDS:-}}" \
-    ${pdeathsig[@]+"${pdeathsig[@]}"} "$@" </dev/null >"$fifo" 2>&1 4>&- &
+    ${pdeathsig[@]+"${pdeathsig[@]}"} "$@" 4>&- </dev/null >&5 2>&1 5>&- &
   pids[r]=$!
+  exec 5>&-
   states[r]=running
   tell_watcher "${pids[r]}"
 done
