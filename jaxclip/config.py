@@ -163,6 +163,12 @@ def defaults() -> ConfigDict:
     d.caption = "random"  # random | first  (which caption of a multi-caption record)
     d.workers = 0  # multiprocess prefetch workers (0 = in-process threads)
     d.prefetch = 2
+    # Steps ahead that a background thread reads the next batches and places them on the
+    # devices (jaxclip.data.prefetch), so the step never waits for the host-to-device copy and
+    # the `data_wait` metric counts only real input starvation. Each waiting batch occupies
+    # device memory (its share of batch_size x image_size² x 3 bytes, plus tokens) on top of
+    # the step's. 0 = read and place each batch in the training loop, synchronously.
+    d.prefetch_to_device = 2
     d.shuffle_seed = -1  # -1 = seed
 
     c.evals = ConfigDict()  # name -> {type, every_steps, ...}; see jaxclip.evals
@@ -399,7 +405,7 @@ def validate(cfg: ConfigDict) -> None:
     if cfg.loss.tile < 0:
         raise ConfigError(f"config key 'loss.tile' must be >= 0, got {cfg.loss.tile}")
     for path in ("train.watchdog_multiple", "train.watchdog_floor_s",
-                 "train.watchdog_first_floor_s", "train.stop_grace_s"):
+                 "train.watchdog_first_floor_s", "train.stop_grace_s", "data.prefetch_to_device"):
         if get_path(cfg, path) < 0:
             raise ConfigError(f"config key {path!r} must be >= 0, got {get_path(cfg, path)}")
     img = cfg.model.image

@@ -8,9 +8,11 @@ Shape of a run:
      with the parameters, encode, run the registered objective over the mesh, AdamW update, clamp
      the logit scale. It is `jax.jit`-ed with explicit shardings and the state donated, and
      compiled ahead of time, so compile time and compiled memory are logged before step 1;
-  3. the loop feeds step-indexed host batches (`jaxclip.data.pipeline`), assembles them into
-     global arrays, logs window averages (loss, lr, logit scale, samples/s, MFU, data wait),
-     runs evaluators on schedule, and checkpoints (params, optimizer, data position, config).
+  3. the loop feeds step-indexed host batches (`jaxclip.data.pipeline`), assembled into global
+     arrays and placed on the devices `data.prefetch_to_device` steps ahead by a background
+     thread (`jaxclip.data.prefetch`), logs window averages (loss, lr, logit scale, samples/s,
+     MFU, data wait), runs evaluators on schedule, and checkpoints (params, optimizer, data
+     position, config).
 Resuming: the newest checkpoint in WORKDIR is restored onto the current mesh and the data stream
 continues at the restored step, so a resumed run sees the batches an uninterrupted one would.
 """
@@ -31,7 +33,7 @@ import optax
 from flax import nnx
 
 from jaxclip import accumulate, checkpoint, config, flops, losses, optim, runlock, sharding, tree
-from jaxclip.data import pipeline, stream
+from jaxclip.data import pipeline, prefetch, stream
 from jaxclip.metrics import Goodput, LogWindow, MetricWriter, NonFiniteLossError
 from jaxclip.models import build_model
 from jaxclip.preemption import Preempted, PreemptionWatcher
@@ -402,6 +404,12 @@ def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invocation_start, watchdog) 
     window = LogWindow()
     last_logged: dict = {}
     step, in_flight = start, None
+    # Batches are placed on the devices ahead of their step by a background thread
+    # (jaxclip.data.prefetch), so the wait for `next(data)` is only real starvation. It yields
+    # exactly the batches of steps start+1..end, in order; the finally below joins it.
+    data = prefetch.DeviceBatches(data, lambda host: sharding.global_batch(host, m.mesh),
+                                  depth=cfg.data.prefetch_to_device, count=max(0, end - start),
+                                  first_step=start + 1)
     try:
         while step < end:
             # Watched phases run one after another (never nested), each with its own limit: the
@@ -411,12 +419,11 @@ def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invocation_start, watchdog) 
             with watchdog.phase("step", step + 1):
                 if step + 1 == profile_from:  # trace steps profile_from..profile_to
                     jax.profiler.start_trace(os.path.join(workdir, "profile"))
-                host_batch = next(data)
+                batch, skipped = next(data)  # on the devices already (or placed now, depth 0)
                 waited = time.perf_counter() - iteration_start
                 window.data_wait += waited
                 goodput.data_wait_s += waited
-                window.skipped += int(host_batch.pop("skipped"))
-                batch = sharding.global_batch(host_batch, m.mesh)
+                window.skipped += skipped
                 state, metrics = compiled(state, batch)
                 # Run at most one step ahead of the device: the host then waits here for the
                 # previous step, so a phase lasts as long as a device step (the watchdog's
@@ -481,6 +488,7 @@ def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invocation_start, watchdog) 
                 window.start += seconds  # evaluation is not training throughput
             goodput.step_s += max(0.0, time.perf_counter() - iteration_start - other)
     finally:
+        data.close()  # no input thread outlives the run: ended, preempted or raised
         watcher.close()
         if progress is not None:
             progress.close()

@@ -100,3 +100,78 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     with pytest.raises(train.NonFiniteLossError, match="at step 1"):
         train.train(cfg, str(tmp_path / "nan"))
     assert not os.path.exists(tmp_path / "nan" / "checkpoints" / "1")
+
+
+def _record_consumed(monkeypatch):
+    """Fingerprints of the batches the trainer's loop takes, in the order it takes them."""
+    import hashlib
+    import threading
+
+    import jax
+
+    from jaxclip.data import prefetch
+
+    taken = []
+
+    class Recording(prefetch.DeviceBatches):
+        def __next__(self):
+            batch, skipped = super().__next__()
+            digest = hashlib.sha256()
+            for key in sorted(batch):
+                digest.update(np.asarray(jax.device_get(batch[key])).tobytes())
+            taken.append(digest.hexdigest()[:16])
+            return batch, skipped
+
+    monkeypatch.setattr(prefetch, "DeviceBatches", Recording)
+    return taken, lambda: [t for t in threading.enumerate()
+                           if t.name == "jaxclip-prefetch" and t.is_alive()]
+
+
+@pytest.mark.slow
+def test_prefetch_to_device_consumes_the_same_batches_across_a_resume(tmp_path, monkeypatch):
+    """Depth 3 with a stop at step 4 takes exactly the batches, and gets exactly the losses, of a
+    synchronous uninterrupted run: a skipped or repeated batch (a read-ahead batch lost or
+    replayed at the resume) changes the fingerprint list and the losses after it."""
+    taken, threads = _record_consumed(monkeypatch)
+    sync = _cfg()
+    sync.data.prefetch_to_device = 0
+    train.train(sync, str(tmp_path / "sync"))
+    straight = list(taken)
+    taken.clear()
+    ahead = _cfg()
+    ahead.data.prefetch_to_device = 3
+    train.train(ahead, str(tmp_path / "ahead"), stop_at=4)
+    assert not threads()  # the stop left no producer behind (it had read ahead past step 4)
+    train.train(ahead, str(tmp_path / "ahead"))
+    assert len(straight) == 6 and len(set(straight)) == 6
+    assert taken == straight
+    assert _losses(tmp_path / "sync") == _losses(tmp_path / "ahead")
+    assert not threads()
+
+
+def _losses(workdir):
+    return {r["step"]: r["loss"] for r in read_metrics(str(workdir)) if "loss" in r}
+
+
+@pytest.mark.slow
+def test_an_input_error_stops_training_at_its_step_and_leaves_no_thread(tmp_path, monkeypatch):
+    from jaxclip.data import stream
+
+    _, threads = _record_consumed(monkeypatch)
+    real = stream.train_stream
+
+    def failing(cfg, start_step, tokenizer):  # the batch of step 5 cannot be read
+        for step, batch in enumerate(real(cfg, start_step, tokenizer), start_step + 1):
+            if step == 5:
+                raise OSError("shard vanished")
+            yield batch
+
+    monkeypatch.setattr(stream, "train_stream", failing)
+    cfg = _cfg()
+    cfg.data.prefetch_to_device = 2
+    with pytest.raises(OSError, match="shard vanished") as err:
+        train.train(cfg, str(tmp_path / "run"))
+    assert "preparing the batch of step 5" in "".join(err.value.__notes__)
+    assert [r["step"] for r in read_metrics(str(tmp_path / "run")) if "loss" in r] == [1, 2, 3, 4]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["3"]
+    assert not threads()
