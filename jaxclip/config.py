@@ -47,8 +47,15 @@ def defaults() -> ConfigDict:
     m.embed_dim = 512
     m.dtype = "float32"  # compute dtype; "bfloat16" on accelerators. Params stay float32.
     m.scan_layers = True  # lax.scan over stacked layers (constant compile time in depth)
-    m.remat = "none"  # none | full | dots | dots_no_batch  (activation checkpointing per layer)
-    m.attn_impl = "xla"  # xla | cudnn | auto  (jax.nn.dot_product_attention implementation)
+    # Activation checkpointing of each residual block (the towers' own `remat` override it):
+    # none | full (recompute everything) | dots | dots_no_batch | minimal (= dots_no_batch, as
+    # MaxText) | save_dot_except_mlp | save_qkv_proj | save_attn_out (keep those named
+    # activations, recompute the rest; jaxclip/models/layers.py).
+    m.remat = "none"
+    # jax.nn.dot_product_attention implementation: xla | cudnn | auto (cuDNN flash attention on
+    # an NVIDIA GPU with a bfloat16/float16 compute dtype and head dim a multiple of 8 up to 128,
+    # xla everywhere else; models/layers.py resolve_attn_impl).
+    m.attn_impl = "auto"
     m.logit_scale_init = math.log(1 / 0.07)
     m.logit_bias_init = None  # a float enables a learnable bias (SigLIP: -10.0)
     m.image = ConfigDict(
@@ -64,6 +71,7 @@ def defaults() -> ConfigDict:
             act="gelu",  # gelu | quick_gelu
             ln_eps=1e-5,
             locked=False,  # no gradients, no optimizer state (LiT)
+            remat="",  # this tower's model.remat policy; "" = model.remat
             # Projection to embed_dim: "none" = the tower's own `proj` (CLIP layout, part of the
             # tower, locked with it); linear | mlp | patch_mlp = a separate trainable head
             # (`image_head/...`) on the unprojected features, trained even when the tower is
@@ -88,6 +96,7 @@ def defaults() -> ConfigDict:
             proj_bias=False,
             locked=False,
             kind="clip",  # clip (pre-LN, causal) | bert (post-LN, bidirectional; models/bert.py)
+            remat="",  # as model.image.remat
             head="none",  # as model.image.head
         )
     )
@@ -368,9 +377,15 @@ def apply_override(cfg: ConfigDict, item: str) -> None:
         node[last] = value
 
 
+# jaxclip.models.layers.REMAT_CHOICES (not imported: the config loads without jax).
+REMAT = ("none", "full", "dots", "dots_no_batch", "minimal", "save_dot_except_mlp",
+         "save_qkv_proj", "save_attn_out")
+
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.remat": REMAT,
+    "model.image.remat": ("", *REMAT),
+    "model.text.remat": ("", *REMAT),
     "model.attn_impl": ("xla", "cudnn", "auto"),
     "model.image.pool": ("cls", "map", "mean"),
     "model.image.act": ("gelu", "quick_gelu"),

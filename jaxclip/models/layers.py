@@ -27,6 +27,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxclip import sharding
 
@@ -137,6 +138,31 @@ class Attention(nnx.Module):
                          layers=layers)
 
 
+def resolve_attn_impl(impl: str, dtype, head_dim: int, backend: str | None = None) -> str:
+    """The `jax.nn.dot_product_attention` implementation that `model.attn_impl` names here.
+
+    "auto" is cuDNN's fused flash attention on NVIDIA GPUs when it can run: a half-precision
+    compute dtype (cuDNN has no float32 kernel) and a head dim that is a multiple of 8 and at most
+    128 (jax checks <= 256 on Hopper and later, 128 before; 128 holds on both). Anything else
+    resolves to "xla", so CPU, TPU and float32 runs use the portable einsum-softmax form. The
+    explicit "xla"/"cudnn" are returned as given (cuDNN then raises on shapes it cannot run).
+    """
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend() if backend is None else backend
+    if backend != "gpu" or "rocm" in _platform_version(backend):
+        return "xla"
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if half and head_dim % 8 == 0 and head_dim <= 128 else "xla"
+
+
+def _platform_version(backend: str) -> str:
+    try:
+        return jax.devices(backend)[0].client.platform_version.lower()
+    except (RuntimeError, AttributeError):
+        return ""
+
+
 def attention(
     p: dict,
     x_q: jax.Array,
@@ -146,18 +172,28 @@ def attention(
     kv_lengths: jax.Array | None = None,
     impl: str = "xla",
 ) -> jax.Array:
-    """Attention of x_q over x_kv; `kv_lengths` (B,) masks right-padded keys."""
+    """Attention of x_q over x_kv; `kv_lengths` (B,) masks right-padded keys.
+
+    Padding is passed as per-example key lengths and causality as `is_causal`, never as a mask
+    or bias array: those are the forms cuDNN's kernel takes (PADDING / CAUSAL / PADDING_CAUSAL
+    masks), and XLA's path builds the same mask from them.
+    """
     heads = ("act_batch", "act_length", "act_heads", "act_kv")
     qkv_axes = ("embed", "heads", "kv")
     q = sharding.constrain(dense(p["query"], x_q, axes=qkv_axes), heads)
     k = sharding.constrain(dense(p["key"], x_kv, axes=qkv_axes), heads)
     v = sharding.constrain(dense(p["value"], x_kv, axes=qkv_axes), heads)
-    o = jax.nn.dot_product_attention(
-        q, k, v, is_causal=causal, key_value_seq_lengths=kv_lengths,
-        implementation=None if impl == "auto" else impl,
-    )
-    o = sharding.constrain(o, heads)
-    return sharding.constrain(dense(p["out"], o, n_in=2, axes=("heads", "kv", "embed")), ACT)
+    # Names for the remat policies (MaxText's: query_proj, key_proj, value_proj, context,
+    # out_proj, mlpwi, mlpwo); a no-op outside jax.checkpoint.
+    q = checkpoint_name(q, "query_proj")
+    k = checkpoint_name(k, "key_proj")
+    v = checkpoint_name(v, "value_proj")
+    impl = resolve_attn_impl(impl, q.dtype, q.shape[-1])
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=kv_lengths,
+                                     implementation=impl)
+    o = checkpoint_name(sharding.constrain(o, heads), "context")
+    out = dense(p["out"], o, n_in=2, axes=("heads", "kv", "embed"))
+    return sharding.constrain(checkpoint_name(out, "out_proj"), ACT)
 
 
 class MLP(nnx.Module):
@@ -170,18 +206,36 @@ class MLP(nnx.Module):
 def mlp(p: dict, x: jax.Array, act: Callable) -> jax.Array:
     h = sharding.constrain(dense(p["fc1"], x, axes=("embed", "mlp")),
                            ("act_batch", "act_length", "act_mlp"))
-    return sharding.constrain(dense(p["fc2"], act(h), axes=("mlp", "embed")), ACT)
+    h = checkpoint_name(h, "mlpwi")
+    return sharding.constrain(checkpoint_name(dense(p["fc2"], act(h), axes=("mlp", "embed")),
+                                              "mlpwo"), ACT)
 
 
 # A tower's token activations (B, T, width): split by batch only, whatever the weights' layout.
 ACT = ("act_batch", "act_length", "act_embed")
 
 
+_save = jax.checkpoint_policies.save_only_these_names
+
+# model.remat / model.{image,text}.remat. Named policies keep the tagged activations above (per
+# token: q, k, v and context are width each, out_proj width, mlpwi 4 x width) and recompute the
+# rest of the block in the backward; attention probabilities (heads x T^2) are never kept by
+# them. The step's scratch falls none > save_dot_except_mlp > full; save_attn_out is close to
+# full (tests/test_models_remat.py).
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # MaxText's "minimal": every weight matmul's output, no batched (attention score) dots.
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # MaxText's: all attention projections and the attention output, not the 4x-wide MLP.
+    "save_dot_except_mlp": _save("query_proj", "key_proj", "value_proj", "context", "out_proj"),
+    "save_qkv_proj": _save("query_proj", "key_proj", "value_proj"),
+    # The attention output only (one width-sized tensor per block): the backward recomputes the
+    # MLP and the projections but not the attention itself.
+    "save_attn_out": _save("context"),
 }
+REMAT_CHOICES = ("none", *_REMAT_POLICIES)
 
 
 class Transformer(nnx.Module):

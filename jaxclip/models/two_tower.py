@@ -74,7 +74,11 @@ class TwoTower(nnx.Module):
                                      init=("value",))
                            if cfg.logit_bias_init is not None else None)
         self.dtype = jnp.dtype(cfg.dtype)
-        self.run = dict(scan=cfg.scan_layers, remat=cfg.remat, attn_impl=cfg.attn_impl)
+        # Each tower's remat policy: its own `remat` when set, else model.remat. attn_impl "auto"
+        # is resolved per attention call (layers.resolve_attn_impl: backend, dtype, head dim).
+        run = dict(scan=cfg.scan_layers, attn_impl=cfg.attn_impl)
+        self.image_run = dict(run, remat=cfg.image.get("remat") or cfg.remat)
+        self.text_run = dict(run, remat=cfg.text.get("remat") or cfg.remat)
         self.locked = (cfg.image.locked, cfg.text.locked)
 
     def encode_image(self, images: jax.Array, *, return_tokens: bool = False):
@@ -82,7 +86,8 @@ class TwoTower(nnx.Module):
         with sharding.activation_mesh(self.logit_scale[...]):
             head = self.image_head
             want = return_tokens or (head is not None and head.kind == "patch_mlp")
-            emb, tokens = self.image(images, dtype=self.dtype, return_tokens=want, **self.run)
+            emb, tokens = self.image(images, dtype=self.dtype, return_tokens=want,
+                                     **self.image_run)
             if self.locked[0]:
                 emb, tokens = jax.lax.stop_gradient((emb, tokens))
             if head is not None:
@@ -94,7 +99,8 @@ class TwoTower(nnx.Module):
         with sharding.activation_mesh(self.logit_scale[...]):
             head = self.text_head
             want = return_tokens or (head is not None and head.kind == "patch_mlp")
-            emb, tokens, mask = self.text(text, dtype=self.dtype, return_tokens=want, **self.run)
+            emb, tokens, mask = self.text(text, dtype=self.dtype, return_tokens=want,
+                                          **self.text_run)
             if self.locked[1]:
                 emb, tokens = jax.lax.stop_gradient((emb, tokens))
             if head is not None:
