@@ -1,5 +1,6 @@
 """The memory-flat ring losses (jaxclip/losses/ring.py): exact against dense, flat in memory, few
-collectives, the same batch metrics as all_gather, and tools/bench_loss.py.
+collectives, each ordered against the ring's loops, the same batch metrics as all_gather, and
+tools/bench_loss.py.
 
 Tolerances (float32): the ring sums the same terms as dense in another order (per block and tile,
 log-sum-exp merged by logaddexp), so the losses agree to rtol 1e-5. Gradient entries are compared
@@ -9,6 +10,7 @@ of O(1e-2) terms, where relative error is not meaningful.
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -151,3 +153,94 @@ def test_bench_loss_tool_times_a_small_loss(capsys):
         "  %p = f32[2] collective-permute(%y)\n}\n%b (x: f32[]) -> f32[] {\n"
         "  %q = f32[2] collective-permute-start(%x)\n}\n", "collective-permute")
     assert counts == {"total": 2, "in_loops": 1}
+
+
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+
+def _unordered_loop_collectives(hlo: str) -> list[tuple[str, str]]:
+    """(loop, collective) pairs of the compiled entry computation with no data path between them,
+    where the loop's body issues collectives. XLA:CPU orders collectives only by when they start,
+    and such a loop can still be running when a later collective starts (jaxclip.losses.core.after
+    says why that hangs)."""
+    bodies, current, entry = {}, None, None
+    for line in hlo.splitlines():
+        head = re.match(r"(ENTRY )?%([\w.\-]+) .*\{$", line)
+        if head:
+            current = head.group(2)
+            bodies[current] = []
+            entry = current if head.group(1) else entry
+        elif line.startswith("}"):
+            current = None
+        elif current and line.strip():
+            bodies[current].append(line.strip())
+
+    def issues_collectives(comp, seen=()):
+        for line in bodies.get(comp, []):
+            if any(f" {op}(" in line or f" {op}-start(" in line for op in _COLLECTIVES):
+                return True
+            for sub in re.findall(r"(?:body|condition|calls|to_apply)=%([\w.\-]+)", line):
+                if sub not in seen and issues_collectives(sub, (*seen, comp)):
+                    return True
+        return False
+
+    ancestors, loops, collectives = {}, [], []
+    for line in bodies[entry]:
+        m = re.match(r"(?:ROOT )?%([\w.\-]+) = .*? ([\w\-]+)\((.*?)\)(?:, |$)", line)
+        if not m:
+            continue
+        name, op, operands = m.groups()
+        ancestors[name] = set()
+        for arg in re.findall(r"%([\w.\-]+)", operands):
+            ancestors[name] |= ancestors.get(arg, set()) | {arg}
+        if op == "while" and issues_collectives(re.search(r"body=%([\w.\-]+)", line).group(1)):
+            loops.append(name)
+        elif op.removesuffix("-start") in _COLLECTIVES:
+            collectives.append(name)
+    return [(w, c) for w in loops for c in [*loops, *collectives]
+            if w != c and w not in ancestors[c] and c not in ancestors[w]]
+
+
+def test_the_checker_sees_a_collective_beside_a_loop():
+    mesh = _mesh((8, 1, 1))
+
+    def body(x, y):
+        def step(c, _):
+            pairs = [(i, (i + 1) % 8) for i in range(8)]
+            return jax.lax.ppermute(c, sharding.BATCH_AXES, pairs), None
+
+        ring_out, _ = jax.lax.scan(step, x, None, length=8)
+        return ring_out, jax.lax.psum(y, sharding.BATCH_AXES)  # nothing orders the psum
+
+    spec = jax.sharding.PartitionSpec(sharding.BATCH_AXES)
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec, spec),
+                              out_specs=(spec, jax.sharding.PartitionSpec())))
+    x = jnp.ones((8 * 64, 4))
+    hlo = f.lower(x, x).compile().as_text()
+    assert len(_unordered_loop_collectives(hlo)) == 1, hlo
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (8, 1, 1)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_every_collective_is_ordered_against_the_ring_loops(loss, shape):
+    # With 8 devices in one process (jax 0.10.2, mesh 2x2x2, clip with a uniformity term) the
+    # previous ring hung when the uniformity term's collectives ran beside its loops; now the tower
+    # sums, the metrics, the auxiliary terms and their backward passes all have a data path to or
+    # from both loops.
+    img, txt = _embeddings()
+    cfg = config.defaults().loss
+    cfg.name, cfg.impl, cfg.tile = loss, "ring", 2
+    cfg.label_smoothing = 0.1 if loss == "clip" else 0.0
+    cfg.aux = {"uniformity": 0.5, "align": 0.1} if loss == "clip" else {"cross_uniformity": 0.3}
+    mesh = _mesh(shape)
+    fn = losses.objective_over_mesh(cfg, mesh)
+    put = functools.partial(jax.device_put, device=sharding.batch_sharding(mesh))
+
+    def step(a, t, s, c):  # loss, metrics and gradients, as the train step uses them
+        return jax.value_and_grad(lambda *e: fn(Encoded(*e)), argnums=(0, 1, 2, 3),
+                                  has_aux=True)(a, t, s, c)
+
+    hlo = jax.jit(step).lower(put(img), put(txt), jnp.float32(2.3),
+                              jnp.float32(-3.0)).compile().as_text()
+    assert hlo.count(" while(") >= 2  # the forward and the backward ring
+    assert _unordered_loop_collectives(hlo) == []

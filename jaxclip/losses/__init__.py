@@ -14,6 +14,7 @@ one config line (`loss.name = name`, or `loss.aux.name = weight` to add it as a 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -22,7 +23,7 @@ import ml_collections
 from jax.sharding import PartitionSpec as P
 
 from jaxclip.losses import contrastive, geometry  # noqa: F401  (registers the objectives)
-from jaxclip.losses.core import Objective, get, names, register
+from jaxclip.losses.core import Objective, after, get, names, register
 from jaxclip.models.two_tower import Encoded
 from jaxclip.sharding import BATCH_AXES
 
@@ -79,7 +80,14 @@ def total_objective(loss_cfg):
         if aux:
             metrics[f"loss_{loss_cfg.name}"] = loss
         for name, (objective, weight) in aux.items():
-            value, _ = objective.fn(enc, loss_cfg, axis)
+            # Each term reads the embeddings through the total so far, so its collectives come
+            # after the ring's forward loop and its backward pass before the ring's backward
+            # loop (core.after). The all_gather form has no loop to order against.
+            term_enc = enc
+            if loss_cfg.impl == "ring":
+                img, txt = after((enc.image_emb, enc.text_emb), loss, axis)
+                term_enc = dataclasses.replace(enc, image_emb=img, text_emb=txt)
+            value, _ = objective.fn(term_enc, loss_cfg, axis)
             metrics[f"loss_{name}"] = value
             loss = loss + weight * value
         return loss, metrics

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from jaxclip.losses import ring
 from jaxclip.losses.core import (
+    after,
     gather,
     mean_over,
     register,
@@ -69,7 +70,9 @@ def _clip_all_gather(enc, cfg, axis):
 
 
 class _Ring(NamedTuple):
-    scale: jax.Array
+    scale: jax.Array  # replicated, for the metrics
+    scale_v: jax.Array  # the same, varying over the batch axes, for the loss terms
+    bias_v: jax.Array
     x: jax.Array
     y: jax.Array
     rows: tuple  # (row log-sum-exp | softplus sum, max, first argmax) over the global batch
@@ -89,14 +92,19 @@ def _ring_common(enc, cfg, axis, kind, bias):
     x, y = enc.image_emb.astype(jnp.float32), enc.text_emb.astype(jnp.float32)
     b = x.shape[0]
     tile = int(cfg.get("tile", 0) or 0)
-    # Varying copies: each shard's cotangent of the scale / bias is its own partial sum, which
-    # shard_map's transpose of the cast adds up (no factor of the device count).
-    rows, cols = ring.ring_stats(kind, axis, n, tile, x, y, ring.vary(scale, axis),
-                                 ring.vary(bias, axis))
-    pos = scale * jnp.sum(x * y, axis=-1)
+    # One varying copy of the scale / bias serves every per-shard use: each shard's cotangent is
+    # its own partial sum, which shard_map's transpose of the cast adds up once (no factor of the
+    # device count), in an all-reduce that waits for the ring's backward pass.
+    scale_v, bias_v = ring.vary(scale, axis), ring.vary(bias, axis)
+    # Every other collective has a data path to or from the ring's loops, so none can run while
+    # a loop's permutes wait (core.after): the tower sums before the forward loop, the positive
+    # logits (and the metrics reduced from them) after it.
     sums = sum_over(x.sum(0), axis), sum_over(y.sum(0), axis)
+    xr, yr = after((x, y), jax.lax.stop_gradient(sums), axis)
+    rows, cols = ring.ring_stats(kind, axis, n, tile, xr, yr, scale_v, bias_v)
+    pos = after(scale_v * jnp.sum(x * y, axis=-1), jax.lax.stop_gradient(rows[0]), axis)
     labels = (jnp.arange(b) + b * shard_index(axis)).astype(jnp.float32)
-    return _Ring(scale, x, y, rows, cols, pos, sums, labels, b * n)
+    return _Ring(scale, scale_v, bias_v, x, y, rows, cols, pos, sums, labels, b * n)
 
 
 def _ring_metrics(r: _Ring, axis, bias=0.0):
@@ -115,8 +123,8 @@ def _clip_ring(enc, cfg, axis):
     eps = cfg.label_smoothing
     # -(1-eps)·log p_pos - eps·mean_j log p_j per row, with log p = logit - lse; the column
     # log-sum-exp is the text -> image direction.
-    i2t = r.rows[0] - (1.0 - eps) * r.pos - eps * r.scale * (r.x @ r.sums[1]) / r.B
-    t2i = r.cols[0] - (1.0 - eps) * r.pos - eps * r.scale * (r.y @ r.sums[0]) / r.B
+    i2t = r.rows[0] - (1.0 - eps) * r.pos - eps * r.scale_v * (r.x @ r.sums[1]) / r.B
+    t2i = r.cols[0] - (1.0 - eps) * r.pos - eps * r.scale_v * (r.y @ r.sums[0]) / r.B
     loss = mean_over((i2t + t2i).mean(), axis) * _direction_factor(cfg)
     return loss, _ring_metrics(r, axis)
 
@@ -140,7 +148,7 @@ def siglip(enc, cfg, axis):
         r = _ring_common(enc, cfg, axis, "sigmoid", bias)
         # rows[0] sums softplus(logit) = -log σ(-logit) over every column; the own diagonal's
         # term is swapped for the positive one, -log σ(logit) = softplus(-logit).
-        diag = r.pos + bias
+        diag = r.pos + r.bias_v
         per_row = r.rows[0] - jax.nn.softplus(diag) + jax.nn.softplus(-diag)
         return mean_over(per_row.mean(), axis), _ring_metrics(r, axis, bias)
     labels = jnp.arange(b) + b * shard_index(axis)
