@@ -4,6 +4,7 @@
     python tools/bench_train.py --model ViT-B-16 --config.model.dtype=bfloat16 \\
         --config.train.batch_size=256                                   # ViT-B/16 on a GPU
     python tools/bench_train.py --config configs/demo.py --devices 8 --config.loss.impl=ring
+    python tools/bench_train.py --config configs/bench_tiny.py --batch 64   # see bench_peer.py
 
 `--config` takes an experiment's config as is; without it, the model is the registry's `--model`
 (the standard geometry: 224 px, context 77) on the default training settings.
@@ -15,7 +16,8 @@ placed on the devices once), so this measures the step alone: the ceiling of the
 After --warmup steps it times --steps steps with one device sync at the end and reports
 samples/s, MFU (analytic FLOPs per sample from jaxclip/flops.py times samples/s over the device
 peak the trainer uses: datasheet bf16/fp32 on TPU/GPU, a measured float32 matmul rate on CPU),
-compile time, and XLA's per-device memory plan for the step (scratch, arguments, outputs).
+compile time, and XLA's per-device memory plan for the step (scratch, arguments, outputs), as
+text and then as one JSON line.
 `--devices N` fakes N CPU devices (set before jax loads) to look at sharded layouts on a laptop.
 """
 
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--devices", type=int, default=0, help="fake this many CPU devices")
+    p.add_argument("--batch", type=int, default=0,
+                   help="global batch size (default: the config's train.batch_size)")
     p.add_argument("--json", help="also write the result to this file")
     args, extra = p.parse_known_args(argv)
     if args.devices:
@@ -51,6 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     try:
         overrides = cli._split_overrides(extra)
+        if args.batch:
+            overrides.append(f"train.batch_size={args.batch}")
         cfg = config.load_or_size(args.config, args.model, overrides)
     except (config.ConfigError, FileNotFoundError, KeyError) as e:
         raise SystemExit(f"bench_train: bad config: {e}") from None
@@ -117,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
         if mem is not None:
             print(f"  per-device memory plan: scratch {result['temp_mib']:.0f} MiB, arguments "
                   f"{result['argument_mib']:.0f} MiB, outputs {result['output_mib']:.0f} MiB")
+        # One machine-readable line last, for scripts and for comparing runs.
+        print(json.dumps(result))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
