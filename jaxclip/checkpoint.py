@@ -420,6 +420,26 @@ def saved_config(workdir: str, step: int | None = None) -> tuple[dict, int]:
     raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)} records its config")
 
 
+def load_config(workdir: str, step: int | None = None) -> config_lib.ConfigDict:
+    """The config stored in the workdir's newest readable checkpoint (or `step`): what its
+    weights were trained with. WORKDIR/config.json only for checkpoints older than that record
+    (a failed later start or an edit may have changed the file since)."""
+    try:
+        values, _ = saved_config(workdir, step)
+    except FileNotFoundError:
+        path = os.path.join(workdir, "config.json")
+        if checkpoint_steps(workdir) and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+        elif os.path.exists(path):
+            raise FileNotFoundError(f"{workdir}: no finished checkpoint under checkpoints/") \
+                from None
+        else:
+            raise FileNotFoundError(f"{workdir}: no checkpoint and no config.json; not a jaxclip "
+                                    "workdir") from None
+    return config_lib.from_dict(values)
+
+
 def read_params(workdir: str, target: dict, step: int | None = None) -> tuple[dict, int]:
     """(params restored into `target`'s shardings, step) from a workdir's newest intact
     checkpoint (or exactly `step`), for readers that need no optimizer state.

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
+from jaxclip.config import ConfigError
+
 CLIP_SOT_ID = 49406
 CLIP_EOT_ID = 49407
 CLIP_PAD_ID = 0
@@ -548,3 +550,14 @@ def build_tokenizer(
     if kind == "sentencepiece":
         return SentencePieceTokenizer(path, **options)
     return HFTokenizer(path, **options)
+
+
+def from_config(cfg):
+    """The tokenizer a run's config describes (`data.tokenizer`, with the text tower's context
+    length); a bad spec is a ConfigError naming `data.tokenizer`."""
+    spec = dict(cfg.data.tokenizer)
+    spec["context_length"] = cfg.model.text.context_length
+    try:
+        return build_tokenizer(spec)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise ConfigError(f"data.tokenizer: {e}") from e

@@ -32,15 +32,26 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxclip import accumulate, checkpoint, config, flops, losses, optim, runlock, sharding, tree
+from jaxclip import (
+    accumulate,
+    checkpoint,
+    config,
+    flops,
+    losses,
+    optim,
+    runlock,
+    runtime,
+    sharding,
+    tree,
+)
 from jaxclip.data import pipeline, prefetch, stream
 from jaxclip.metrics import Goodput, LogWindow, MetricWriter, NonFiniteLossError
-from jaxclip.models import build_model
 from jaxclip.preemption import Preempted, PreemptionWatcher
+from jaxclip.tokenizer import from_config as tokenizer_from_config
 from jaxclip.watchdog import Watchdog
 
-__all__ = ["Model", "NonFiniteLossError", "Preempted", "TrainState", "build", "init_state",
-           "make_encoders", "make_train_step", "train"]
+__all__ = ["NonFiniteLossError", "Preempted", "TrainSetup", "TrainState", "build", "init_state",
+           "make_train_step", "train"]
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -52,20 +63,20 @@ class TrainState:
 
 
 @dataclasses.dataclass
-class Model:
-    """What is built once per run: the graph definition, the mesh and all shardings."""
+class TrainSetup:
+    """What training adds to a model's layout, built once per run: the optimizer and the
+    shardings and shapes of the whole train state."""
 
-    cfg: Any
-    mesh: jax.sharding.Mesh
-    graphdef: Any
-    axes: dict
-    param_shardings: dict  # full parameter tree
+    layout: runtime.Layout
     tx: optax.GradientTransformation
     state_shardings: TrainState
     abstract_state: TrainState
 
-    def full_params(self, state: TrainState) -> dict:
-        return tree.merge(state.params, state.frozen)
+    # The layout's fields, which the step and the loop read all the time.
+    cfg = property(lambda self: self.layout.cfg)
+    mesh = property(lambda self: self.layout.mesh)
+    graphdef = property(lambda self: self.layout.graphdef)
+    param_shardings = property(lambda self: self.layout.param_shardings)
 
 
 def _opt_state_shardings(abstract_opt_state, param_shardings: dict, mesh) -> Any:
@@ -83,17 +94,13 @@ def _opt_state_shardings(abstract_opt_state, param_shardings: dict, mesh) -> Any
     return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
-def build(cfg, mesh=None) -> Model:
-    mesh = mesh or sharding.make_mesh(cfg.mesh)
-    abstract_model = nnx.eval_shape(lambda: build_model(cfg.model, cfg.seed))
-    graphdef, abstract_params = nnx.split(abstract_model)
-    abstract_params = nnx.to_pure_dict(abstract_params)
-    axes = sharding.param_axes(abstract_model)
-    p_shard = sharding.param_shardings(abstract_params, axes, mesh)
-    trainable, frozen = optim.split_trainable(abstract_params, cfg)
+def build(cfg, mesh=None) -> TrainSetup:
+    lay = runtime.layout(cfg, mesh)
+    mesh = lay.mesh
+    trainable, frozen = optim.split_trainable(lay.abstract_params, cfg)
     tx = optim.make_optimizer(cfg.optim, cfg.train.steps, trainable)
     abstract_opt = jax.eval_shape(tx.init, trainable)
-    t_shard, f_shard = optim.split_trainable(p_shard, cfg)
+    t_shard, f_shard = optim.split_trainable(lay.param_shardings, cfg)
     state_shardings = TrainState(
         step=sharding.replicated(mesh), params=t_shard, frozen=f_shard,
         opt_state=_opt_state_shardings(abstract_opt, t_shard, mesh))
@@ -102,15 +109,14 @@ def build(cfg, mesh=None) -> Model:
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract_state, state_shardings)
-    sharding.check_sharded(abstract_params, p_shard, mesh)
-    return Model(cfg, mesh, graphdef, axes, p_shard, tx, state_shardings, abstract_state)
+    return TrainSetup(lay, tx, state_shardings, abstract_state)
 
 
-def init_state(m: Model) -> TrainState:
+def init_state(m: TrainSetup) -> TrainState:
     cfg = m.cfg
 
     def init():
-        params = nnx.to_pure_dict(nnx.state(build_model(cfg.model, cfg.seed)))
+        params = runtime.fresh_params(cfg)
         trainable, frozen = optim.split_trainable(params, cfg)
         return TrainState(jnp.int32(0), trainable, frozen, m.tx.init(trainable))
 
@@ -127,7 +133,7 @@ def _clamp_logit_scale(params: dict, loss_cfg) -> dict:
     return params
 
 
-def make_train_step(m: Model):
+def make_train_step(m: TrainSetup):
     cfg = m.cfg
     objective = losses.objective_over_mesh(cfg.loss, m.mesh)
     tokens = losses.needs_tokens(cfg.loss)
@@ -165,35 +171,6 @@ def make_train_step(m: Model):
     return jax.jit(step, in_shardings=(m.state_shardings, batch_sh),
                    out_shardings=(m.state_shardings, sharding.replicated(m.mesh)),
                    donate_argnums=0)
-
-
-def make_encoders(m: Model):
-    """Jitted (params, uint8 images) -> embeddings and (params, tokens) -> embeddings."""
-    cfg = m.cfg
-    batch_sh = sharding.batch_sharding(m.mesh)
-
-    def encode_image(params, images):
-        model = nnx.merge(m.graphdef, params)
-        pixels = pipeline.normalize_images(images, cfg.data.mean, cfg.data.std)
-        return model.encode_image(pixels)[0]
-
-    def encode_text(params, text):
-        model = nnx.merge(m.graphdef, params)
-        return model.encode_text(text)[0]
-
-    kw = dict(in_shardings=(m.param_shardings, batch_sh), out_shardings=batch_sh)
-    return jax.jit(encode_image, **kw), jax.jit(encode_text, **kw)
-
-
-def make_tokenizer(cfg):
-    from jaxclip.tokenizer import build_tokenizer
-
-    spec = dict(cfg.data.tokenizer)
-    spec["context_length"] = cfg.model.text.context_length
-    try:
-        return build_tokenizer(spec)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        raise config.ConfigError(f"data.tokenizer: {e}") from e
 
 
 def batch_specs(cfg, mesh) -> dict:
@@ -253,7 +230,7 @@ def preflight(cfg) -> dict:
         except ValueError as err:
             raise config.ConfigError(str(err)) from None
     stream.check_sources(cfg)  # datasets exist, are built and hold usable records
-    return {"mesh": mesh, "tokenizer": make_tokenizer(cfg)}
+    return {"mesh": mesh, "tokenizer": tokenizer_from_config(cfg)}
 
 
 def _lock_workdir(workdir: str) -> runlock.WorkdirLock | None:
@@ -368,7 +345,7 @@ def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invocation_start, watchdog) 
         goodput.init_s += time.perf_counter() - t0
     _write_config(workdir, cfg)  # only now: the run has started from a state that fits it
     writer = MetricWriter(workdir)
-    evaluators = Evaluators(cfg, m, tokenizer)
+    evaluators = Evaluators(cfg, m.layout, tokenizer)
     prior_total = goodput.total_s
 
     def account_wall() -> None:

@@ -12,10 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxclip import config, train
+from jaxclip import config, runtime
 from jaxclip.data import build
 from jaxclip.data.sources import fashion_mnist
 from jaxclip.evals import Evaluators, evaluate, evaluators, geometry, hubness, resolve, retrieval
+from jaxclip.tokenizer import from_config
 
 RELATIONS = ["above", "below", "to the left of", "to the right of"]
 
@@ -73,12 +74,12 @@ def fashion_dir(cache_root):
 @pytest.fixture(scope="module")
 def model_and_params():
     cfg = tiny_cfg()
-    m = train.build(cfg)
-    return m, jax.device_get(m.full_params(train.init_state(m)))
+    lay = runtime.layout(cfg)
+    return lay, jax.device_get(runtime.init_params(lay))
 
 
 def runner(m, cfg):
-    return Evaluators(cfg, m, train.make_tokenizer(cfg))
+    return Evaluators(cfg, m, from_config(cfg))
 
 
 def unit(x):
@@ -119,7 +120,7 @@ def test_streamed_images_equal_cached(fashion_dir, model_and_params, monkeypatch
     m, params = model_and_params
     spec = dict(type="zeroshot", dataset=fashion_dir, split="test", classes="fashion_mnist",
                 templates=["a photo of a {}."], max_examples=50)
-    cached = evaluate(tiny_cfg(z=spec), params, model=m)
+    cached = evaluate(tiny_cfg(z=spec), params, layout=m)
     monkeypatch.setattr(evaluators, "IMAGE_CACHE_BYTES", 0)
     ev = runner(m, tiny_cfg(z=spec))
     placed = jax.device_put(params, m.param_shardings)
@@ -214,7 +215,7 @@ def test_mrv_over_multiple_captions(fashion_dir, model_and_params):
                           mrv_reduce="std"),
                    off=dict(type="retrieval", dataset=fashion_dir, split="test", max_examples=40,
                             mrv=False))
-    got = evaluate(cfg, params, model=m)
+    got = evaluate(cfg, params, layout=m)
     ev = runner(m, cfg)
     placed = jax.device_put(params, m.param_shardings)
     data = evaluators.load_eval_set(ev.context, fashion_dir, "test", 40)
@@ -234,7 +235,7 @@ def test_schedule_at_start_every_and_final():
     cfg = tiny_cfg(a=dict(type="retrieval", every_steps=100, at_start=True),
                    b=dict(type="retrieval", every_steps=0),
                    c=dict(type="zeroshot", classes="cifar10", every_steps=30))
-    ev = Evaluators(cfg, train.build(cfg), tokenizer=None)
+    ev = Evaluators(cfg, runtime.layout(cfg), tokenizer=None)
     assert ev.due(0, at_start=True) == ["a"]
     assert ev.due(30) == ["c"]
     assert ev.due(100) == ["a"]
@@ -284,10 +285,10 @@ def test_data_dependent_errors(fashion_dir, model_and_params):
     ]
     for spec, message in cases:
         with pytest.raises((ValueError, KeyError), match=message):
-            evaluate(tiny_cfg(x=dict(spec, max_examples=20)), params, model=m)
+            evaluate(tiny_cfg(x=dict(spec, max_examples=20)), params, layout=m)
     # classes="" takes the dataset's own names (Fashion-MNIST's manifest stores them).
     out = evaluate(tiny_cfg(x=dict(type="zeroshot", dataset=fashion_dir, split="test",
-                                   templates="openai8", max_examples=20)), params, model=m)
+                                   templates="openai8", max_examples=20)), params, layout=m)
     assert 0 <= out["eval/x/top1"] <= out["eval/x/top5"] <= 1
 
 
@@ -297,10 +298,10 @@ def test_evaluate_checks_the_parameter_tree(model_and_params):
     broken = jax.tree.map(lambda x: x, params)
     broken["text"]["extra"] = np.zeros(3)
     with pytest.raises(ValueError, match=r"unexpected \['text/extra'\]"):
-        evaluate(cfg, broken, model=m)
+        evaluate(cfg, broken, layout=m)
     wrong = jax.tree.map(lambda x: x, params)
     wrong["logit_scale"] = np.zeros((2,))
     with pytest.raises(ValueError, match=r"logit_scale: \(2,\) != \(\)"):
-        evaluate(cfg, wrong, model=m)
+        evaluate(cfg, wrong, layout=m)
     with pytest.raises(ValueError, match="no evaluator named"):
-        evaluate(cfg, params, ["nope"], model=m)
+        evaluate(cfg, params, ["nope"], layout=m)

@@ -18,9 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxclip import checkpoint, config, runlock, train
+from jaxclip import checkpoint, config, runlock, runtime, train
 from jaxclip.interop import export
-from jaxclip.interop import workdir as run_dir
 from jaxclip.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,7 +164,7 @@ def test_a_failed_start_leaves_config_json_and_exports_unchanged(trained, tmp_pa
     edited["model"]["image"]["act"] = "quick_gelu"
     with open(path, "w") as f:
         json.dump(edited, f)
-    assert run_dir.load_config(workdir).model.image.act == "gelu"
+    assert checkpoint.load_config(workdir).model.image.act == "gelu"
     with pytest.raises(ValueError, match="inside the training workdir"):
         export.export(workdir, workdir, "hf")
     with pytest.raises(ValueError, match="inside the training workdir"):
@@ -225,7 +224,7 @@ def test_flipped_bytes_are_detected_and_the_previous_checkpoint_is_used(trained,
         pytest.fail("no silent single-byte corruption found in 8 tries")
     # eval/export readers skip it without moving anything...
     with caplog.at_level("WARNING"):
-        _, _, step = run_dir.restore(workdir)
+        _, _, step = runtime.restore(workdir)
     assert step == 2 and "fingerprint" in caplog.text
     assert "4" in _listing(workdir)
     # ...the trainer sets it aside and resumes from step 2, reproducing the losses.
@@ -239,11 +238,11 @@ def test_eval_and_export_fall_back_past_a_truncated_newest_checkpoint(trained, t
     biggest = _data_files(os.path.join(workdir, "checkpoints", "4"))[-1]
     with open(biggest, "r+b") as f:
         f.truncate(os.path.getsize(biggest) // 2)
-    cfg, params, step = run_dir.restore(workdir)
+    cfg, params, step = runtime.restore(workdir)
     assert step == 2 and cfg.model.image.width == 128 and "logit_scale" in params
     assert _listing(workdir) == ["2", "4"]  # readers never move a run's files
     with pytest.raises(checkpoint.CheckpointDamagedError, match="checkpoint 4"):
-        run_dir.restore(workdir, step=4)  # an explicit step is not silently replaced
+        runtime.restore(workdir, step=4)  # an explicit step is not silently replaced
 
 
 def test_fingerprints_do_not_depend_on_the_mesh_and_catch_one_flipped_bit():

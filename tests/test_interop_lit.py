@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from jaxclip import config, optim, sharding, train, tree
+from jaxclip import config, optim, runtime, sharding, train, tree
 from jaxclip.interop import sources, tensorfile
 from jaxclip.tokenizer import HFTokenizer
 from tests.helpers import random_batch, tiny_config
@@ -197,9 +197,7 @@ def test_lit_minilm_config_trains_with_the_locked_pretrained_text_tower(tmp_path
                       small)
     last = train.train(cfg, str(tmp_path / "run"))
     assert np.isfinite(last["loss"])
-    from jaxclip.interop.workdir import restore
-
-    _, params, step = restore(str(tmp_path / "run"))
+    _, params, step = runtime.restore(str(tmp_path / "run"))
     assert step == 3
     minilm = sources.read(MINILM).params
     for path, value in tree.flatten(jax.device_get(params)).items():

@@ -7,7 +7,7 @@ records; `query_chunk` bounds the on-device score block (queries x gallery/devic
 
 retrieval   image<->text R@k (`ks`, default 1/5/10), mean and median rank over `split`; every
             caption of a record is a positive of its image. Keys `i2t_r1`, `t2i_median_rank`, ...
-    postproc      none | qbnorm | dbnorm: hubness correction (losses.md §13) with banks of the
+    postproc      none | qbnorm | dbnorm: hubness correction (hubness.py) with banks of the
                   first `bank_size` records of `bank_split` (default train) of `bank_dataset`
                   (default: the same dataset), never the evaluated split itself; reported next to
                   the raw metrics as `qbnorm_i2t_r1`, ... (t2i uses the bank's captions as query
@@ -15,10 +15,10 @@ retrieval   image<->text R@k (`ks`, default 1/5/10), mean and median rank over `
     beta, k, dynamic       QB-Norm's inverse temperature (20), top-k of the activation set (1),
                            dynamic=None: the method's default (QB-Norm DIS, DBNorm plain dual IS)
     beta_q, beta_g         DBNorm's query-bank and gallery-bank inverse temperatures (1/1.99, 3)
-    geometry      adds modality_gap, alignment, uniformity_image/_text, uniformity_loss (§8)
+    geometry      adds modality_gap, alignment, uniformity_image/_text, uniformity_loss
     skew_k        > 0 adds the skewness of the k-occurrence counts, `t2i_skew10` (hubness)
     mrv           adds `t2i_mrv`, the Mean Rank Variance (`mrv_reduce` var | std) of each image's
-                  caption ranks, when every record has the same number (> 1) of captions (§11)
+                  caption ranks, when every record has the same number (> 1) of captions
 zeroshot    top-k accuracy (`top1`, `top5`) of `split`'s images against a classifier built from
             `classes` x `templates`: each class's prompt embeddings are normalised, averaged and
             renormalised. `label` names the record label holding the class index ("class").
@@ -48,8 +48,9 @@ from typing import Any
 
 import numpy as np
 
-from jaxclip.data import pipeline, records
-from jaxclip.evals import geometry, hubness, prompts, register, zeroshot
+from jaxclip.data import pipeline, records, stream
+from jaxclip.evals import geometry, hubness, prompts, zeroshot
+from jaxclip.evals.registry import register
 from jaxclip.evals.retrieval import DEFAULT_QUERY_CHUNK, retrieval_metrics
 
 # Decoded eval images above this size are streamed at each evaluation instead of kept in memory.
@@ -116,10 +117,6 @@ def _decode_all(pool: ThreadPoolExecutor, blobs: list[bytes], size: int) -> np.n
     return np.stack(list(pool.map(_decode, blobs, [size] * len(blobs))))
 
 
-def eval_image_size(cfg) -> int:
-    return cfg.data.image_size if cfg.data.image_size > 0 else cfg.model.image.image_size
-
-
 def load_eval_set(ctx, dataset: str, split: str, max_examples: int = 0) -> EvalSet:
     """Reads a split once per run (cached on the context); see the module docstring."""
     cfg = ctx.cfg
@@ -134,7 +131,7 @@ def load_eval_set(ctx, dataset: str, split: str, max_examples: int = 0) -> EvalS
         n = min(n, max_examples)
     if n == 0:
         raise ValueError(f"dataset {dataset!r} split {split!r} has no records")
-    size = eval_image_size(cfg)
+    size = stream.image_size(cfg)
     keep = n * size * size * 3 <= IMAGE_CACHE_BYTES
     captions, labels, blobs = [], [], []
     for rec in _records(paths, n):
@@ -272,7 +269,7 @@ def _skew(img, txt, k, mesh, query_chunk, postproc=None) -> dict[str, float]:
 
 @register("retrieval", check=_check_retrieval, dataset="", split="val", max_examples=0,
           ks=(1, 5, 10), query_chunk=DEFAULT_QUERY_CHUNK,
-          # Hubness correction (losses.md §13): none | qbnorm | dbnorm, banks from bank_split.
+          # Hubness correction (hubness.py): none | qbnorm | dbnorm, banks from bank_split.
           postproc="none", bank_dataset="", bank_split="train", bank_size=5000,
           beta=20.0, beta_q=1 / 1.99, beta_g=3.0, k=1, dynamic=None,
           # Diagnostics: geometry (gap, alignment, uniformity), k-occurrence skewness (0: off),

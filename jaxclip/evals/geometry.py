@@ -1,15 +1,16 @@
 """Embedding-geometry diagnostics: modality gap, alignment, uniformity and mean rank variance.
 
 These describe how the two embedding clouds sit on the sphere, independently of any task
-(losses.md §8 and §11):
+(the contrastive-gap terms of "It's Not a Modality Gap", arXiv 2405.18570, and the mean
+rank variance of multi-caption retrieval):
 
     modality gap   ||mean_i x_i - mean_j y_j||
     alignment      (1/B) sum_i ||x_i - y_i||^2                    (x_i, y_i a positive pair)
     uniformity     log mean_{i<j} exp(-t ||x_i - x_j||^2)         (Wang & Isola; t = 2)
-    L_U            1/2 uniformity(x) + 1/2 uniformity(y)          (the §8 regulariser's value)
+    L_U            1/2 uniformity(x) + 1/2 uniformity(y)          (the paper's regulariser)
     MRV            (1/N) sum_i Var_k R_{i,k}                      (or the std, as CCRK prints)
 
-A note on the halves: §8 writes L_U = 1/2 log mean(...) + 1/2 (same for y) and also says an
+A note on the halves: the paper writes L_U = 1/2 log mean(...) + 1/2 (same for y) and also says an
 antipodal pair gives "the single-modality uniformity term = -8". Both hold if the per-modality
 term is the Wang & Isola uniformity above (-8 for an antipodal pair) and the halves belong to L_U,
 which is how this file defines them.
@@ -101,7 +102,7 @@ def uniformity(
 
 
 def uniformity_loss(x, y, t: float = 2.0, **kwargs) -> float:
-    """L_U of losses.md §8: 1/2 uniformity(x) + 1/2 uniformity(y)."""
+    """The paper's L_U: 1/2 uniformity(x) + 1/2 uniformity(y)."""
     return 0.5 * uniformity(x, t, **kwargs) + 0.5 * uniformity(y, t, **kwargs)
 
 

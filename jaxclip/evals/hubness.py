@@ -14,7 +14,7 @@ float32:
 QB-Norm's dynamic inverted softmax (DIS) applies the normaliser only to queries whose raw top-1
 gallery item is in the activation set A (the union of the bank rows' top-k gallery items) and
 keeps the raw row otherwise; dual DIS gates each DBNorm factor with its own bank's set. This follows
-losses.md §13 (QB-Norm arXiv 2112.12777, DBNorm arXiv 2310.11612), implemented from the formulas:
+QB-Norm (arXiv 2112.12777) and DBNorm (arXiv 2310.11612), implemented from the papers' formulas:
 the released DBNorm code scores the query bank against the wrong matrix.
 
 The post-processors are specs (banks + hyper-parameters). `prepare(gallery)` computes, in one

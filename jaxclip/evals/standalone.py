@@ -34,7 +34,7 @@ from typing import Any
 
 import jax
 
-from jaxclip import config, tree
+from jaxclip import config, runtime, tree
 
 # Orbax notes that are expected here and would only alarm: it logs the first at ERROR level
 # whenever a checkpoint is restored onto other devices than it was written from, even though
@@ -79,17 +79,15 @@ def restore_params(workdir: str, config_spec: str | None = None, overrides: list
 
     The config is the file `config_spec` when given, else the one stored in the checkpoint (what
     its weights were trained with), with `overrides` applied either way. Only the parameters are
-    restored (jaxclip.checkpoint.read_params), on the config's mesh over the current devices:
+    restored (jaxclip.runtime.restore), on the config's mesh over the current devices:
     the optimizer state is not read, so its config need not match and it costs no memory."""
-    from jaxclip.interop import workdir as run_dir
-
     chosen = config.load(config_spec, list(overrides)) if config_spec else None
 
     def make_config(saved: config.ConfigDict) -> config.ConfigDict:
         return chosen if chosen is not None else _with_overrides(saved, list(overrides))
 
     with _quiet_orbax():
-        return run_dir.restore(workdir, step, make_config=make_config, mesh_from_config=True)
+        return runtime.restore(workdir, step, make_config=make_config, mesh_from_config=True)
 
 
 def _fmt(value: Any) -> str:
@@ -163,7 +161,6 @@ def run(workdir: str, *, config_spec: str | None = None, overrides: list[str] = 
     `workdir` may also be a directory of imported weights (see `imported_weights`); their step
     is reported as "imported" and the JSON goes to WORKDIR/eval_imported.json.
     """
-    from jaxclip import train
     from jaxclip.evals import evaluate
 
     t0 = time.perf_counter()
@@ -174,16 +171,13 @@ def run(workdir: str, *, config_spec: str | None = None, overrides: list[str] = 
                              f"{pre.kind} weights")
         cfg = imported_config(pre, config_spec, list(overrides))
         _require_evals(cfg)
-        model = train.build(cfg)
         params, step = tree.unflatten(pre.params), "imported"
     else:
         cfg, params, step = restore_params(workdir, config_spec, list(overrides), step)
         _require_evals(cfg)
-        model = train.build(cfg)
     restore_s = time.perf_counter() - t0
     logging.info("restored step %s of %s in %.1fs", step, workdir, restore_s)
-    metrics = evaluate(cfg, params, names, model=model,
-                       step=step if isinstance(step, int) else None)
+    metrics = evaluate(cfg, params, names, step=step if isinstance(step, int) else None)
     path = None
     if jax.process_index() == 0:
         path = out or os.path.join(workdir, f"eval_{step}.json")

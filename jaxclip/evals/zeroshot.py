@@ -1,10 +1,11 @@
 """Zero-shot classification: prompt formatting, prompt-ensembled classifiers and top-k accuracy.
 
-The zero-shot protocol (losses.md §19): every class name is put into each of T prompt templates,
-the text tower embeds the C x T prompts, each class's T embeddings are averaged and re-normalised
-into one classifier row, and an image is classified by its most similar row. Top-k accuracy is
-then retrieval with the classifier as gallery and one positive per image, so it runs on the same
-chunked, sharded rank kernel as retrieval (ties broken by class index, as a stable sort would).
+CLIP's zero-shot protocol (arXiv 2103.00020): every class name is put into each of T prompt
+templates, the text tower embeds the C x T prompts, each class's T embeddings are averaged and
+re-normalised into one classifier row, and an image is classified by its most similar row. Top-k
+accuracy is then retrieval with the classifier as gallery and one positive per image, so it runs
+on the same chunked, sharded rank kernel as retrieval (ties broken by class index, as a stable
+sort would).
 
 Class-name lists and template sets live with the dataset definitions, not here.
 """

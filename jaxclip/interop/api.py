@@ -125,22 +125,21 @@ class Encoder:
         or a list of PIL images / uint8 arrays (any sizes; grayscale and RGBA become RGB)."""
         from PIL import Image
 
-        from jaxclip.data.pipeline import resize_center
+        from jaxclip.data.pipeline import normalize_images, resize_center
 
         if isinstance(images, np.ndarray) and images.ndim == 4:
             images = list(images)
         elif isinstance(images, np.ndarray | Image.Image):
             images = [images]
-        out = np.empty((len(images), self.image_size, self.image_size, 3), np.float32)
+        out = np.empty((len(images), self.image_size, self.image_size, 3), np.uint8)
         for i, img in enumerate(images):
             if isinstance(img, np.ndarray):
                 if img.dtype != np.uint8:
                     raise ValueError(f"preprocess expects uint8 images, got {img.dtype}")
                 img = Image.fromarray(img)
             out[i] = np.asarray(resize_center(img.convert("RGB"), self.image_size))
-        mean = np.asarray(self.config.data.mean, np.float32) * 255
-        std = np.asarray(self.config.data.std, np.float32) * 255
-        return (out - mean) / std
+        # The trainer's own normalisation (it runs on the device there, on the host here).
+        return np.asarray(normalize_images(out, self.config.data.mean, self.config.data.std))
 
     def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
         """Texts -> int32 (N, context_length) ids with the checkpoint's tokenizer."""

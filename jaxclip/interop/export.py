@@ -11,7 +11,7 @@ Only architectures the target can represent are exported; anything else (MAP or 
 pooling, a text projection bias, separate projection heads, the BERT text tower, ...) is an
 error naming every such feature, raised before any checkpoint is read.
 
-From a workdir the parameters are restored sharded (jaxclip.interop.workdir) and the weights file
+From a workdir the parameters are restored sharded (jaxclip.runtime.restore) and the weights file
 is streamed: its header is computed from the shapes, then each foreign tensor (one layer's slice
 of a stacked parameter) is gathered, converted, written and dropped. Only process 0 writes; the
 other processes take part in the gathers.
@@ -27,8 +27,8 @@ import shutil
 import jax
 import numpy as np
 
-from jaxclip import tree
-from jaxclip.interop import hf_clip, mapping, openclip, sources, tensorfile, workdir
+from jaxclip import checkpoint, runtime, tree
+from jaxclip.interop import hf_clip, mapping, openclip, sources, tensorfile
 
 FORMATS = ("hf", "open_clip")
 
@@ -127,12 +127,12 @@ def write_hf_tokenizer(cfg, out: str) -> None:
 def _open(path: str, step: int | None, fmt: str):
     """(config, {path: shape}, get(path, layer)) of a workdir (sharded) or any other source."""
     if sources.detect(path) == "workdir":
-        _problems(workdir.load_config(path), fmt)
-        cfg, params, step = workdir.restore(path, step)
+        _problems(checkpoint.load_config(path), fmt)
+        cfg, params, step = runtime.restore(path, step)
         flat = tree.flatten(params)
         logging.info("exporting %s step %d", path, step)
         return cfg, {p: tuple(x.shape) for p, x in flat.items()}, \
-            lambda p, i: workdir.fetch(flat[p] if i is None else flat[p][i])
+            lambda p, i: runtime.to_host(flat[p] if i is None else flat[p][i])
     pre = sources.read(path, step=step)
     _problems(pre.cfg, fmt)
     sources.check_params(pre.params, pre.cfg.model, what=path)

@@ -1,6 +1,6 @@
 """Hugging Face transformers `CLIPModel` <-> jaxclip: names, layouts and configs.
 
-Mapping (interop.md §5): HF keeps q/k/v/out as separate PyTorch Linears (out, in); jaxclip keeps
+Mapping (mapping.py): HF keeps q/k/v/out as separate PyTorch Linears (out, in); jaxclip keeps
 per-head kernels (in, heads, head_dim), a transpose and a reshape. The patch embedding is a conv
 weight OIHW in HF and HWIO in jaxclip. Projections are bias-free Linears (HF) vs (in, out) matrices.
 `logit_scale` is log-space in both and is copied verbatim. HF's `post_layernorm` on the pooled

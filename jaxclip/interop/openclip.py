@@ -4,11 +4,11 @@ The directory format is open_clip's own hub format: `open_clip_config.json`
 ({"model_cfg": ..., "preprocess_cfg": ...}) next to `open_clip_model.safetensors`, which
 `open_clip.create_model("local-dir:DIR")` loads (strictly: no missing or unexpected keys).
 
-Mapping (interop.md §3, §5): attention q/k/v are one fused `in_proj_weight` (3w, w), split in
-thirds; projections (`text_projection`, `visual.proj`) are already (in, out) matrices; the text
-tower's keys sit at the top level (a `CustomTextCLIP` checkpoint's `text.` prefix is accepted on
-import). open_clip pools text at `argmax(ids)`, which is the first EOT when EOT is the largest id
-(CLIP's 49407); for another EOT id the export uses its `eos` pooling with that id. The
+Mapping (mapping.py): attention q/k/v are one fused `in_proj_weight` (3w, w), split in thirds;
+projections (`text_projection`, `visual.proj`) are already (in, out) matrices; the text tower's
+keys sit at the top level (a `CustomTextCLIP` checkpoint's `text.` prefix is accepted on
+import). open_clip pools text at `argmax(ids)`, which is the first EOT when EOT is the largest
+id (CLIP's 49407); for another EOT id the export uses its `eos` pooling with that id. The
 `attn_mask` buffer is rebuilt by open_clip from the config and never stored.
 """
 

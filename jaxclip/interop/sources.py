@@ -201,10 +201,10 @@ def _read_jaxclip(path: str) -> Pretrained:
 
 
 def _read_workdir(path: str, step: int | None) -> Pretrained:
-    from jaxclip.interop.workdir import fetch, restore
+    from jaxclip import runtime
 
-    cfg, params, _ = restore(path, step)
-    flat = {p: fetch(x) for p, x in tree.flatten(params).items()}
+    cfg, params, _ = runtime.restore(path, step)
+    flat = {p: runtime.to_host(x) for p, x in tree.flatten(params).items()}
     return Pretrained("workdir", path, cfg, flat)
 
 
