@@ -203,7 +203,7 @@ def preflight(cfg) -> dict:
     """Checks everything about `cfg` that can fail before anything is written or built: the
     objective and its implementation, the mesh against the devices and the batch, the datasets
     (present and non-empty), the tokenizer and the evaluators. Raises ConfigError naming the key.
-    Returns what it built on the way (mesh, tokenizer) for the run to reuse."""
+    Returns what it built on the way (mesh, tokenizer, stream invariants) for the run to reuse."""
     from jaxclip import evals
 
     try:
@@ -230,7 +230,9 @@ def preflight(cfg) -> dict:
         except ValueError as err:
             raise config.ConfigError(str(err)) from None
     stream.check_sources(cfg)  # datasets exist, are built and hold usable records
-    return {"mesh": mesh, "tokenizer": tokenizer_from_config(cfg)}
+    # The stream's invariants, resolved once (checked on resume, recorded by every save).
+    return {"mesh": mesh, "tokenizer": tokenizer_from_config(cfg),
+            "stream": stream.invariants(cfg)}
 
 
 def _lock_workdir(workdir: str) -> runlock.WorkdirLock | None:
@@ -289,8 +291,8 @@ def _train_locked(cfg, workdir: str, stop_at: int | None, checked: dict,
                                    keep_every=cfg.train.keep_every)
     watchdog = make_watchdog(cfg.train)
     try:
-        return _run(cfg, workdir, stop_at, m, ckpt, checked["tokenizer"], invocation_start,
-                    watchdog)
+        return _run(cfg, workdir, stop_at, m, ckpt, checked["tokenizer"], checked["stream"],
+                    invocation_start, watchdog)
     finally:
         with watchdog.phase("checkpoint", -1):  # the last save's commit can hang too
             ckpt.close()
@@ -315,7 +317,8 @@ def make_watchdog(train_cfg):
                     first_floor_s=train_cfg.watchdog_first_floor_s)
 
 
-def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invocation_start, watchdog) -> dict:
+def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invariants, invocation_start,
+         watchdog) -> dict:
     from jaxclip.evals import Evaluators
 
     n_dev = m.mesh.size
@@ -325,7 +328,7 @@ def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invocation_start, watchdog) 
     if restored is not None:
         start, items = restored
         state = items["state"]
-        stream.check_stream_state(cfg, items["data"])
+        stream.check_stream_state(invariants, items["data"])
         if changed := checkpoint.config_differences(items.get("config"), cfg.to_dict()):
             logging.warning("resuming step %d with config keys that differ from the "
                             "checkpoint's (the state fits, so this is allowed): %s", start,
@@ -432,7 +435,7 @@ def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invocation_start, watchdog) 
                 t0 = time.perf_counter()
                 account_wall()
                 with watchdog.phase("checkpoint", step, limit_s=watchdog.first_floor_s):
-                    ckpt.save(step, state, data=stream.stream_state(cfg, step),
+                    ckpt.save(step, state, data=stream.stream_state(invariants, step),
                               config=cfg.to_dict(),
                               progress={"goodput": dataclasses.asdict(goodput)}, force=True)
                     if preempted:

@@ -5,7 +5,8 @@
 pure function of (sources, seed, global batch, s), resuming needs only the next step — plus a
 check that those invariants still hold (the datasets are identified by content, not path, so a
 restart may mount them elsewhere). `stream_state` is what a checkpoint records;
-`check_stream_state` refuses a resume that would silently change the data order. The number of
+`check_stream_state` refuses a resume that would silently change the data order; both take the
+`invariants(cfg)` a run resolves once. The number of
 hosts and of loader workers may change between runs: neither affects the batches.
 `check_sources` is the trainer's early check that every source can give batches at all.
 """
@@ -97,20 +98,27 @@ def source_identity(directory: str, split: str, weight: float) -> list:
     return [split, float(weight), manifest.num_records(split), digest]
 
 
-def stream_state(cfg, next_step: int) -> dict:
-    """What the stream needs to resume exactly: its position and its invariants.
+def invariants(cfg) -> dict:
+    """What must not change for the stream to resume exactly: global batch, seed and the
+    sources' content ids (manifests read once here; a run computes this once, not per save).
 
     `sources` (the directories) is informational: a restart may mount the same datasets
     elsewhere (another pod, another cache path). `source_ids` is what must not change.
     """
     srcs = sources(cfg)
-    return {"next_step": int(next_step), "global_batch": int(cfg.train.batch_size),
-            "seed": seed(cfg), "sources": [list(s) for s in srcs],
+    return {"global_batch": int(cfg.train.batch_size), "seed": seed(cfg),
+            "sources": [list(s) for s in srcs],
             "source_ids": [source_identity(*s) for s in srcs]}
 
 
-def check_stream_state(cfg, saved: dict) -> None:
-    now = stream_state(cfg, saved["next_step"])
+def stream_state(fixed: dict, next_step: int) -> dict:
+    """What a checkpoint records of the stream: its position and its invariants."""
+    return {"next_step": int(next_step), **fixed}
+
+
+def check_stream_state(fixed: dict, saved: dict) -> None:
+    """Refuses (ValueError) a resume whose stream would differ from the checkpoint's."""
+    now = stream_state(fixed, saved["next_step"])
     # Checkpoints written before `source_ids` existed are checked by path.
     keys = ("global_batch", "seed", "source_ids" if "source_ids" in saved else "sources")
     for key in keys:
