@@ -13,6 +13,7 @@ Goodput       cumulative wall-clock accounting of a run across restarts: initial
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -142,3 +143,47 @@ class Goodput:
         out = {f"goodput/{k}": v for k, v in dataclasses.asdict(self).items()}
         out["goodput/fraction"] = self.step_s / self.total_s if self.total_s > 0 else 0.0
         return out
+
+
+@dataclasses.dataclass
+class Span:
+    seconds: float = 0.0  # set when the timed block ends
+
+
+class GoodputClock:
+    """Puts every second of a run into one Goodput bucket.
+
+    `with clock.timed("checkpoint") as span:` adds the block's wall time (also left in
+    `span.seconds`) to `goodput.checkpoint_s`; a
+    timed block inside another is taken out of the outer one (a training iteration timed as
+    "step" that saves a checkpoint counts the save once, as checkpoint time). `total_s` is the
+    wall time since the first invocation: the earlier invocations' total plus this one's.
+    """
+
+    def __init__(self, goodput: Goodput, invocation_start: float):
+        self.goodput = goodput
+        self._prior_total = goodput.total_s
+        self._invocation_start = invocation_start
+        self._inner: list[float] = []  # per open block: seconds already given to inner blocks
+
+    @contextlib.contextmanager
+    def timed(self, bucket: str):
+        attr = f"{bucket}_s"
+        if not hasattr(self.goodput, attr):
+            raise AttributeError(f"Goodput has no bucket {attr!r}")
+        t0 = time.perf_counter()
+        self._inner.append(0.0)
+        span = Span()
+        try:
+            yield span
+        finally:
+            elapsed = span.seconds = time.perf_counter() - t0
+            own = elapsed - self._inner.pop()
+            setattr(self.goodput, attr, getattr(self.goodput, attr) + own)
+            if self._inner:
+                self._inner[-1] += elapsed
+
+    def wall(self) -> Goodput:
+        """The goodput with `total_s` brought up to now (for a log row or a checkpoint)."""
+        self.goodput.total_s = self._prior_total + time.perf_counter() - self._invocation_start
+        return self.goodput

@@ -45,7 +45,7 @@ from jaxclip import (
     tree,
 )
 from jaxclip.data import pipeline, prefetch, stream
-from jaxclip.metrics import Goodput, LogWindow, MetricWriter, NonFiniteLossError
+from jaxclip.metrics import Goodput, GoodputClock, LogWindow, MetricWriter, NonFiniteLossError
 from jaxclip.preemption import Preempted, PreemptionWatcher
 from jaxclip.tokenizer import from_config as tokenizer_from_config
 from jaxclip.watchdog import Watchdog
@@ -346,19 +346,14 @@ def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invariants, invocation_start
             logging.info("initialised %s from %s", cfg.init.select or "all parameters",
                          cfg.init.path)
         goodput.init_s += time.perf_counter() - t0
+    clock = GoodputClock(goodput, invocation_start)  # from here on, every second in a bucket
     _write_config(workdir, cfg)  # only now: the run has started from a state that fits it
     writer = MetricWriter(workdir)
     evaluators = Evaluators(cfg, m.layout, tokenizer)
-    prior_total = goodput.total_s
 
-    def account_wall() -> None:
-        goodput.total_s = prior_total + time.perf_counter() - invocation_start
-
-    t0 = time.perf_counter()
-    with watchdog.phase("compile", start):
+    with clock.timed("compile"), watchdog.phase("compile", start):
         compiled = make_train_step(m).lower(m.abstract_state,
                                             batch_specs(cfg, m.mesh)).compile()
-    goodput.compile_s += time.perf_counter() - t0
     flops_per_sample = flops.train_flops_per_sample(cfg, cfg.train.batch_size)
     peak, peak_source = flops.device_peak(cfg.model.dtype, cfg.train.peak_tflops)
     writer.write(start, _setup_metrics(compiled, cfg, n_dev, flops_per_sample, peak, peak_source))
@@ -366,12 +361,10 @@ def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invariants, invocation_start
     data = stream.train_stream(cfg, start, tokenizer)
     end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
     if start == 0:
-        t0 = time.perf_counter()
-        with watchdog.phase("eval", 0, limit_s=watchdog.first_floor_s):
+        with clock.timed("eval"), watchdog.phase("eval", 0, limit_s=watchdog.first_floor_s):
             first = evaluators.run(state, 0, at_start=True)
         if first:
             writer.write(0, first)
-        goodput.eval_s += time.perf_counter() - t0
 
     progress = None
     if cfg.train.progress and jax.process_index() == 0:
@@ -392,81 +385,69 @@ def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invariants, invocation_start
                                   first_step=start + 1)
     try:
         while step < end:
-            # Watched phases run one after another (never nested), each with its own limit: the
-            # step itself (input, dispatch and, on log/save steps, waiting for the device, where
-            # a hung collective shows), then the save, then evaluation.
-            iteration_start = time.perf_counter()
-            with watchdog.phase("step", step + 1):
-                if step + 1 == profile_from:  # trace steps profile_from..profile_to
-                    jax.profiler.start_trace(os.path.join(workdir, "profile"))
-                batch, skipped = next(data)  # on the devices already (or placed now, depth 0)
-                waited = time.perf_counter() - iteration_start
-                window.data_wait += waited
-                goodput.data_wait_s += waited
-                window.skipped += skipped
-                state, metrics = compiled(state, batch)
-                # Run at most one step ahead of the device: the host then waits here for the
-                # previous step, so a phase lasts as long as a device step (the watchdog's
-                # median means something) and a hung collective shows at the next step, not at
-                # the next log line. One queued step keeps the device busy.
-                if in_flight is not None:
-                    in_flight.block_until_ready()
-                in_flight = metrics["loss"]
-                step += 1
-                window.add(step, metrics)
-                if step == profile_to:
-                    jax.block_until_ready(metrics)
-                    jax.profiler.stop_trace()
-                preempted = watcher.should_stop(step)
-                saving = ckpt.should_save(step) or step == end or preempted
-                logging_now = step % cfg.train.log_every == 0 or step == end or preempted
-                if saving or logging_now:
-                    window.sync()  # waits for the step; never checkpoint past a non-finite loss
-                if saving:
-                    jax.block_until_ready(state)
-            if progress is not None:
-                progress.update(1)
-
-            # Dispatch is asynchronous: device time surfaces wherever the host next waits (a log
-            # line's metric fetch, a checkpoint). Stepping is therefore this iteration's wall
-            # time minus what is accounted elsewhere, and a checkpoint first waits for its step.
-            other = waited
-            if saving:
-                t0 = time.perf_counter()
-                account_wall()
-                with watchdog.phase("checkpoint", step, limit_s=watchdog.first_floor_s):
-                    ckpt.save(step, state, data=stream.stream_state(invariants, step),
-                              config=cfg.to_dict(),
-                              progress={"goodput": dataclasses.asdict(goodput)}, force=True)
-                    if preempted:
-                        ckpt.wait()
-                seconds = time.perf_counter() - t0
-                goodput.checkpoint_s += seconds
-                other += seconds
-            if logging_now:
-                row = window.summary(cfg.train.batch_size, n_dev, flops_per_sample, peak)
-                goodput.step_s += time.perf_counter() - iteration_start - other
-                other = time.perf_counter() - iteration_start  # counted up to here
-                account_wall()
-                row.update(goodput.row())
-                writer.write(step, row)
-                last_logged = row
+            # One iteration: the step, then whichever periodic actions are due (checkpoint, log
+            # line, preemption, evaluation). Goodput: the iteration is "step" time except what
+            # its timed parts (data wait, checkpoint, evaluation) take. Watched phases run one
+            # after another (never nested), each with its own limit: the step itself (input,
+            # dispatch and, on log/save steps, waiting for the device, where a hung collective
+            # shows), then the save, then evaluation.
+            with clock.timed("step"):
+                with watchdog.phase("step", step + 1):
+                    if step + 1 == profile_from:  # trace steps profile_from..profile_to
+                        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                    with clock.timed("data_wait") as wait:
+                        batch, skipped = next(data)  # on the devices already (or placed now)
+                    window.data_wait += wait.seconds
+                    window.skipped += skipped
+                    state, metrics = compiled(state, batch)
+                    # Run at most one step ahead of the device: the host then waits here for the
+                    # previous step, so a phase lasts as long as a device step (the watchdog's
+                    # median means something) and a hung collective shows at the next step, not
+                    # at the next log line. One queued step keeps the device busy.
+                    if in_flight is not None:
+                        in_flight.block_until_ready()
+                    in_flight = metrics["loss"]
+                    step += 1
+                    window.add(step, metrics)
+                    if step == profile_to:
+                        jax.block_until_ready(metrics)
+                        jax.profiler.stop_trace()
+                    preempted = watcher.should_stop(step)
+                    saving = ckpt.should_save(step) or step == end or preempted
+                    logging_now = step % cfg.train.log_every == 0 or step == end or preempted
+                    if saving or logging_now:
+                        window.sync()  # waits for the step; never save past a non-finite loss
+                    if saving:
+                        jax.block_until_ready(state)  # the save's time is the save's own
                 if progress is not None:
-                    progress.set_postfix(loss=f"{row['loss']:.3f}",
-                                         sps=f"{row['samples_per_sec']:.0f}")
-            if preempted:
-                raise Preempted(step)
-            t0 = time.perf_counter()
-            with watchdog.phase("eval", step, limit_s=watchdog.first_floor_s):
-                eval_metrics = evaluators.run(state, step, final=step == cfg.train.steps)
-            if eval_metrics:
-                writer.write(step, eval_metrics)
-                last_logged.update(eval_metrics)
-                seconds = time.perf_counter() - t0
-                goodput.eval_s += seconds
-                other += seconds
-                window.start += seconds  # evaluation is not training throughput
-            goodput.step_s += max(0.0, time.perf_counter() - iteration_start - other)
+                    progress.update(1)
+
+                if saving:
+                    with clock.timed("checkpoint"), \
+                            watchdog.phase("checkpoint", step, limit_s=watchdog.first_floor_s):
+                        ckpt.save(step, state, data=stream.stream_state(invariants, step),
+                                  config=cfg.to_dict(),
+                                  progress={"goodput": dataclasses.asdict(clock.wall())},
+                                  force=True)
+                        if preempted:
+                            ckpt.wait()
+                if logging_now:
+                    row = window.summary(cfg.train.batch_size, n_dev, flops_per_sample, peak)
+                    row.update(clock.wall().row())
+                    writer.write(step, row)
+                    last_logged = row
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{row['loss']:.3f}",
+                                             sps=f"{row['samples_per_sec']:.0f}")
+                if preempted:
+                    raise Preempted(step)
+                with clock.timed("eval") as evaluation, \
+                        watchdog.phase("eval", step, limit_s=watchdog.first_floor_s):
+                    eval_metrics = evaluators.run(state, step, final=step == cfg.train.steps)
+                if eval_metrics:
+                    writer.write(step, eval_metrics)
+                    last_logged.update(eval_metrics)
+                    window.start += evaluation.seconds  # evaluation is not training throughput
     finally:
         data.close()  # no input thread outlives the run: ended, preempted or raised
         watcher.close()

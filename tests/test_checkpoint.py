@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from jaxclip import checkpoint, config, sharding, train
+from jaxclip import metrics as metrics_lib
 from jaxclip.metrics import read_metrics
 from jaxclip.preemption import EXIT_PREEMPTED
 
@@ -155,6 +156,28 @@ def test_retention_keeps_the_latest_n_plus_every_mth(tmp_path):
         ckpt.save(step, {"w": np.full(3, step, np.float32)}, data={}, config={}, progress={})
     ckpt.close()
     assert checkpoint.Checkpointer(str(tmp_path), every=1, keep=2).all_steps() == [6, 12, 13]
+
+
+def test_goodput_clock_puts_each_second_in_one_bucket(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(metrics_lib.time, "perf_counter", lambda: now[0])
+    goodput = metrics_lib.Goodput(total_s=50.0, step_s=40.0)  # an earlier invocation's
+    clock = metrics_lib.GoodputClock(goodput, invocation_start=90.0)
+    with clock.timed("step"):
+        now[0] += 1.0  # stepping
+        with clock.timed("data_wait") as wait:
+            now[0] += 0.25
+        now[0] += 2.0
+        with clock.timed("checkpoint"):
+            now[0] += 3.0
+            with clock.timed("eval"):  # nested twice: counted once, in the innermost
+                now[0] += 0.5
+    assert wait.seconds == 0.25
+    assert (goodput.step_s, goodput.data_wait_s, goodput.checkpoint_s, goodput.eval_s) == (
+        43.0, 0.25, 3.0, 0.5)
+    assert clock.wall().total_s == 50.0 + (now[0] - 90.0)
+    with pytest.raises(AttributeError, match="no bucket 'nap_s'"), clock.timed("nap"):
+        pass
 
 
 def test_checkpoint_records_stream_position_config_and_goodput(tmp_path):
