@@ -114,7 +114,8 @@ def config_differences(saved: dict | None, current: dict) -> list[str]:
     """Dotted config keys whose values differ between a checkpoint's config and `current`."""
     if not saved:
         return []
-    flat_saved, flat_now = _flatten(saved), _flatten(current)
+    # Keys an older version stored under another name are compared at their new place.
+    flat_saved, flat_now = _flatten(config_lib.upgrade(saved)), _flatten(current)
     return [f"{k}={flat_saved.get(k)!r} (checkpoint) vs {flat_now.get(k)!r}"
             for k in sorted(set(flat_saved) | set(flat_now))
             if flat_saved.get(k) != flat_now.get(k)]

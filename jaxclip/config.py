@@ -7,8 +7,11 @@ and every key the experiment sets is checked: a key that is not in the schema is
 (with the closest valid key), as is a value of the wrong type. Command-line overrides
 (`--config.train.steps=200`) go through the same checks.
 
-Open sections (`evals`, `loss.aux`, `optim.lr_mults`, `data.tokenizer`) hold user-chosen keys and
-are validated by their owners (the evaluator, loss and tokenizer registries, the optimizer).
+Sections owned by a registry are assembled here from it: each registered objective's own keys
+form `loss.<name>` (jaxclip.losses.register). Open sections (`evals`, `loss.aux`,
+`optim.lr_mults`, `data.tokenizer`) hold user-chosen keys and are validated by their owners (the
+evaluator, loss and tokenizer registries, the optimizer). A key that moved keeps working under its
+old name (`RENAMED`), in config files, overrides and the config.json of old checkpoints.
 """
 
 from __future__ import annotations
@@ -24,7 +27,15 @@ from typing import Any
 
 import ml_collections
 
+from jaxclip.losses import core as loss_registry
+
 ConfigDict = ml_collections.ConfigDict
+
+# Old key -> its place now. Applied to every config read (files, overrides, stored config.json).
+RENAMED = {
+    "loss.label_smoothing": "loss.clip.label_smoothing",
+    "loss.direction_reduce": "loss.clip.direction_reduce",
+}
 
 # Sections whose keys are chosen by the user, validated elsewhere.
 OPEN_SECTIONS = ("evals", "loss.aux", "optim.lr_mults", "data.tokenizer")
@@ -107,12 +118,14 @@ def defaults() -> ConfigDict:
     # ring: columns of the local logit block computed at a time (O(b x tile) scratch instead of
     # O(b^2)); must divide the per-device batch; 0 = the whole block (jaxclip.losses.ring).
     lo.tile = 0
-    lo.label_smoothing = 0.0
     lo.scale_param = "logit_scale"  # logit_scale (exp of a log-scale) | temperature (ALIGN)
     lo.scale_max = math.log(100)  # clamp of the log-scale after every step; None disables
     lo.learn_scale = True
-    lo.direction_reduce = "mean"  # mean | sum of the two directions (ALIGN reproductions differ)
     lo.aux = ConfigDict()  # name -> weight of registered auxiliary terms
+    # Each objective's own settings, as it registered them: loss.clip.label_smoothing, ...
+    for name in loss_registry.names():
+        if own := loss_registry.get(name).config:
+            lo[name] = ConfigDict(own)
 
     c.optim = o = ConfigDict()
     o.lr = 5e-4
@@ -238,6 +251,29 @@ def _check_type(path: str, default: Any, value: Any) -> Any:
     )
 
 
+def upgrade(values: dict | ConfigDict) -> dict:
+    """A nested config dict with the keys of `RENAMED` moved to their new places."""
+    out = values.to_dict() if isinstance(values, ConfigDict) else _copy_dict(values)
+    for old, new in RENAMED.items():
+        *parents, last = old.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node:
+            continue
+        value = node.pop(last)
+        *parents, last = new.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node.setdefault(last, value)  # a value already at the new place wins
+    return out
+
+
+def _copy_dict(d):
+    return {k: _copy_dict(v) if isinstance(v, dict | ConfigDict) else v for k, v in d.items()}
+
+
 def _merge(base: ConfigDict, update: ConfigDict | dict, prefix: str = "") -> None:
     for key, value in update.items():
         path = f"{prefix}{key}"
@@ -287,6 +323,7 @@ def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ConfigDict:
         raise ConfigError(f"get_config() in {path} returned {type(user).__name__}, not a "
                           "ConfigDict (is a `return config` missing?)")
     cfg = defaults()
+    user = upgrade(user)
     name = user.get("model", {}).get("name", "")
     for item in overrides:
         key, _, value = item.removeprefix("config.").partition("=")
@@ -320,7 +357,7 @@ def load_or_size(spec: str | None, model_name: str, overrides=()) -> ConfigDict:
 def from_dict(values: dict) -> ConfigDict:
     """The defaults merged with a (possibly partial) nested dict, e.g. a saved config.json."""
     cfg = defaults()
-    _merge(cfg, values)
+    _merge(cfg, upgrade(values))
     validate(cfg)
     return cfg
 
@@ -347,6 +384,7 @@ def apply_override(cfg: ConfigDict, item: str) -> None:
     if not sep:
         raise ConfigError(f"override {item!r} must look like key=value")
     key = key.removeprefix("config.")
+    key = RENAMED.get(key, key)
     parts = key.split(".")
     node = cfg
     for i, part in enumerate(parts[:-1]):
@@ -395,7 +433,6 @@ _CHOICES = {
     "model.image.head": ("none", "linear", "mlp", "patch_mlp"),
     "model.text.head": ("none", "linear", "mlp", "patch_mlp"),
     "loss.scale_param": ("logit_scale", "temperature"),
-    "loss.direction_reduce": ("mean", "sum"),
     "optim.schedule": ("cosine", "constant", "linear"),
     "data.caption": ("random", "first"),
 }
@@ -410,7 +447,9 @@ def get_path(cfg: ConfigDict, path: str) -> Any:
 
 def validate(cfg: ConfigDict) -> None:
     """Checks values that have a fixed set of choices or must be positive."""
-    for path, choices in _CHOICES.items():
+    owned = {f"loss.{name}.{key}": allowed for name in loss_registry.names()
+             for key, allowed in loss_registry.get(name).choices.items()}
+    for path, choices in {**_CHOICES, **owned}.items():
         value = get_path(cfg, path)
         if value not in choices:
             raise ConfigError(f"config key {path!r} must be one of {choices}, got {value!r}")

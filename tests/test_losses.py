@@ -107,7 +107,7 @@ def test_sharded_loss_and_grads_equal_single_device(name, impl, shape):
     img, txt = _random_embeddings()
     scale, bias = jnp.float32(2.3), jnp.float32(-3.0)
     cfg = config.defaults().loss
-    cfg.name, cfg.label_smoothing = name, 0.1 if name == "clip" else 0.0
+    cfg.name, cfg.clip.label_smoothing = name, 0.1 if name == "clip" else 0.0
     cfg.aux = {"uniformity": 0.5} if name == "clip" else {}
     dense_cfg = cfg.copy_and_resolve_references()
     dense_cfg.impl = "dense"

@@ -230,7 +230,7 @@ def test_every_collective_is_ordered_against_the_ring_loops(loss, shape):
     img, txt = _embeddings()
     cfg = config.defaults().loss
     cfg.name, cfg.impl, cfg.tile = loss, "ring", 2
-    cfg.label_smoothing = 0.1 if loss == "clip" else 0.0
+    cfg.clip.label_smoothing = 0.1 if loss == "clip" else 0.0
     cfg.aux = {"uniformity": 0.5, "align": 0.1} if loss == "clip" else {"cross_uniformity": 0.3}
     mesh = _mesh(shape)
     fn = losses.objective_over_mesh(cfg, mesh)

@@ -29,8 +29,9 @@ from jaxclip.sharding import BATCH_AXES
 
 
 def _loss_cfg(**kw) -> ml_collections.ConfigDict:
-    base = dict(name="clip", impl="dense", label_smoothing=0.0, scale_param="logit_scale",
-                learn_scale=True, direction_reduce="mean", tile=0, aux={})
+    own = {k: kw.pop(k) for k in ("label_smoothing", "direction_reduce") if k in kw}
+    base = dict(name="clip", impl="dense", scale_param="logit_scale", learn_scale=True, tile=0,
+                aux={}, clip=dict(get("clip").config, **own))
     base.update(kw)
     return ml_collections.ConfigDict(base)
 

@@ -34,7 +34,7 @@ from jaxclip.losses.core import (
 
 
 def _direction_factor(cfg) -> float:
-    return 0.5 if cfg.direction_reduce == "mean" else 1.0
+    return 0.5 if cfg.clip.direction_reduce == "mean" else 1.0
 
 
 def _smoothed_ce(logits: jax.Array, labels: jax.Array, eps: float) -> jax.Array:
@@ -61,7 +61,7 @@ def _clip_all_gather(enc, cfg, axis):
     labels = jnp.arange(b) + b * shard_index(axis)
     logits_i2t = scale * img @ gather(txt, axis).T  # (b, B): this shard's images vs all texts
     logits_t2i = scale * txt @ gather(img, axis).T  # (b, B): this shard's texts vs all images
-    eps = cfg.label_smoothing
+    eps = cfg.clip.label_smoothing
     per_row = _smoothed_ce(logits_i2t, labels, eps) + _smoothed_ce(logits_t2i, labels, eps)
     loss = mean_over(per_row.mean(), axis) * _direction_factor(cfg)
     metrics = _batch_stats(logits_i2t, labels, axis)
@@ -120,7 +120,7 @@ def _ring_metrics(r: _Ring, axis, bias=0.0):
 
 def _clip_ring(enc, cfg, axis):
     r = _ring_common(enc, cfg, axis, "softmax", jnp.float32(0.0))
-    eps = cfg.label_smoothing
+    eps = cfg.clip.label_smoothing
     # -(1-eps)·log p_pos - eps·mean_j log p_j per row, with log p = logit - lse; the column
     # log-sum-exp is the text -> image direction.
     i2t = r.rows[0] - (1.0 - eps) * r.pos - eps * r.scale_v * (r.x @ r.sums[1]) / r.B
@@ -129,7 +129,12 @@ def _clip_ring(enc, cfg, axis):
     return loss, _ring_metrics(r, axis)
 
 
-@register("clip", impls=("all_gather", "ring", "dense"))
+# label_smoothing: the target row is (1 - eps)·onehot + eps/B (ALIGN uses 0.1).
+# direction_reduce: the two directions' losses are averaged (CLIP) or summed (some ALIGN
+# reproductions), which doubles the effective learning rate of the loss.
+@register("clip", impls=("all_gather", "ring", "dense"),
+          config=dict(label_smoothing=0.0, direction_reduce="mean"),
+          choices=dict(direction_reduce=("mean", "sum")))
 def clip(enc, cfg, axis):
     """Symmetric InfoNCE (CLIP); with scale_param=temperature and label_smoothing, ALIGN."""
     if cfg.impl == "ring":

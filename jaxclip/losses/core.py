@@ -3,7 +3,8 @@
 An objective is a function `fn(enc, cfg, axis) -> (loss, metrics)`:
   enc   `jaxclip.models.Encoded`: this shard's rows of the batch (L2-normalised embeddings,
         optional token features) and the replicated logit scale / bias;
-  cfg   the `loss` config section;
+  cfg   the `loss` config section: the shared keys (impl, tile, scale_param, learn_scale, ...)
+        and one subsection per objective with the keys it registered (`cfg.clip.label_smoothing`);
   axis  the mesh axis name(s) the batch is split over inside `shard_map`, or None when the whole
         batch is local (single device, or the public global-batch API).
 It returns the loss of the *global* batch (identical on every shard) and a dict of scalar metrics.
@@ -32,18 +33,31 @@ class Objective:
     impls: tuple[str, ...] = ("all_gather", "dense")
     needs_tokens: bool = False  # token-level features (FILIP) must be computed by the model
     doc: str = ""
+    config: dict = dataclasses.field(default_factory=dict)  # its keys under loss.<name>
+    choices: dict = dataclasses.field(default_factory=dict)  # key -> allowed values
 
 
 _REGISTRY: dict[str, Objective] = {}
 
 
-def register(name: str, *, impls=("all_gather", "dense"), needs_tokens=False):
-    """Decorator: `@register("clip")` makes `loss.name = "clip"` (or `loss.aux.clip = w`) work."""
+def register(name: str, *, impls=("all_gather", "dense"), needs_tokens=False,
+             config: dict | None = None, choices: dict | None = None):
+    """Decorator: `@register("clip")` makes `loss.name = "clip"` (or `loss.aux.clip = w`) work.
+
+    `config` holds the objective's own settings with their defaults; they become the config
+    section `loss.<name>` (checked like every other key: unknown keys and wrong types are
+    errors), and `choices` restricts a key to a set of values. Register before the config is
+    loaded (a module imported by the experiment, or the test itself).
+    """
+    config, choices = dict(config or {}), dict(choices or {})
+    if unknown := set(choices) - set(config):
+        raise ValueError(f"objective {name!r}: choices for keys it does not have: {unknown}")
 
     def wrap(fn):
         if name in _REGISTRY:
             raise ValueError(f"objective {name!r} registered twice")
-        _REGISTRY[name] = Objective(fn, tuple(impls), needs_tokens, (fn.__doc__ or "").strip())
+        _REGISTRY[name] = Objective(fn, tuple(impls), needs_tokens, (fn.__doc__ or "").strip(),
+                                    config, choices)
         return fn
 
     return wrap
