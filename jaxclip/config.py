@@ -8,10 +8,12 @@ and every key the experiment sets is checked: a key that is not in the schema is
 (`--config.train.steps=200`) go through the same checks.
 
 Sections owned by a registry are assembled here from it: each registered objective's own keys
-form `loss.<name>` (jaxclip.losses.register). Open sections (`evals`, `loss.aux`,
-`optim.lr_mults`, `data.tokenizer`) hold user-chosen keys and are validated by their owners (the
-evaluator, loss and tokenizer registries, the optimizer). A key that moved keeps working under its
-old name (`RENAMED`), in config files, overrides and the config.json of old checkpoints.
+form `loss.<name>` (jaxclip.losses.register), each tower kind's `model.<modality>.<kind>`
+(jaxclip.models.towers.register), and `model.<modality>.kind` chooses among the registered kinds.
+Open sections (`evals`, `loss.aux`, `optim.lr_mults`, `data.tokenizer`) hold user-chosen keys and
+are validated by their owners (the evaluator, loss and tokenizer registries, the optimizer). A key
+that moved keeps working under its old name (`RENAMED`), in config files, overrides and the
+config.json of old checkpoints.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import ml_collections
 
 from jaxclip.losses import core as loss_registry
+from jaxclip.models import towers as tower_registry
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -71,6 +74,7 @@ def defaults() -> ConfigDict:
     m.logit_bias_init = None  # a float enables a learnable bias (SigLIP: -10.0)
     m.image = ConfigDict(
         dict(
+            kind="vit",  # a registered image tower (jaxclip/models/towers.py)
             image_size=224,
             patch_size=32,
             width=768,
@@ -106,11 +110,16 @@ def defaults() -> ConfigDict:
             ln_eps=1e-5,
             proj_bias=False,
             locked=False,
-            kind="clip",  # clip (pre-LN, causal) | bert (post-LN, bidirectional; models/bert.py)
+            # A registered text tower: clip (pre-LN, causal) | bert (post-LN, bidirectional).
+            kind="clip",
             remat="",  # as model.image.remat
             head="none",  # as model.image.head
         )
     )
+
+    for kind in tower_registry.all_kinds():  # each tower kind's own settings
+        if kind.config:
+            m[kind.modality][kind.name] = ConfigDict(kind.config)
 
     c.loss = lo = ConfigDict()
     lo.name = "clip"  # a registered objective: clip | siglip | ...
@@ -362,16 +371,22 @@ def from_dict(values: dict) -> ConfigDict:
     return cfg
 
 
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def parse_bool(value: Any) -> bool | None:
+    """True/False for a bool or a yes/no word (true, 1, yes / false, 0, no); None otherwise."""
+    if isinstance(value, bool):
+        return value
+    return _BOOL_WORDS.get(str(value).strip().lower())
+
+
 def _parse_value(text: str, default: Any) -> Any:
     if isinstance(default, str):
         return text
     if isinstance(default, bool):
-        low = text.lower()
-        if low in ("true", "1", "yes"):
-            return True
-        if low in ("false", "0", "no"):
-            return False
-        return text  # rejected by _check_type with the key named
+        word = parse_bool(text)
+        return text if word is None else word  # a non-word is rejected by _check_type
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -429,7 +444,6 @@ _CHOICES = {
     "model.image.act": ("gelu", "quick_gelu"),
     "model.text.act": ("gelu", "quick_gelu"),
     "model.text.pool": ("eot", "last", "mean", "first"),
-    "model.text.kind": ("clip", "bert"),
     "model.image.head": ("none", "linear", "mlp", "patch_mlp"),
     "model.text.head": ("none", "linear", "mlp", "patch_mlp"),
     "loss.scale_param": ("logit_scale", "temperature"),
@@ -449,6 +463,10 @@ def validate(cfg: ConfigDict) -> None:
     """Checks values that have a fixed set of choices or must be positive."""
     owned = {f"loss.{name}.{key}": allowed for name in loss_registry.names()
              for key, allowed in loss_registry.get(name).choices.items()}
+    owned.update({f"model.{kind.modality}.{kind.name}.{key}": allowed
+                  for kind in tower_registry.all_kinds() for key, allowed in kind.choices.items()})
+    owned.update({f"model.{m}.kind": tuple(tower_registry.kinds(m))
+                  for m in tower_registry.MODALITIES})
     for path, choices in {**_CHOICES, **owned}.items():
         value = get_path(cfg, path)
         if value not in choices:

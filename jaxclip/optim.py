@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from jaxclip import tree
+from jaxclip.models import towers
 
 
 def learning_rate(optim_cfg, total_steps: int) -> optax.Schedule:
@@ -68,12 +69,9 @@ def decay_mask(params: dict, optim_cfg) -> dict:
         lambda p, x: len(x.shape) >= 2 and not tree.matches(p, optim_cfg.no_decay), params)
 
 
-# Tower parameters below the first block: patch/token/position/type embeddings and their norms.
-_EMBEDDINGS = re.compile(
-    r"^(image|text)/(patch_embed|cls_token|pos_embed|ln_pre|token_embed|type_embed|ln_embed)(/|$)")
 
 
-def _tower_depths(params: dict, optim_cfg) -> dict[str, int]:
+def _tower_depths(params: dict, optim_cfg, embeddings) -> dict[str, int]:
     """Depth of each tower that has layer decay, read from its stacked blocks' leading axis."""
     depths = {}
     for tower, decay in optim_cfg.layer_decay.items():
@@ -82,7 +80,7 @@ def _tower_depths(params: dict, optim_cfg) -> dict[str, int]:
         blocks = [x for p, x in tree.flatten(params).items() if p.startswith(f"{tower}/blocks/")]
         if blocks:
             depths[tower] = blocks[0].shape[0]
-        elif any(_EMBEDDINGS.match(p) for p in tree.flatten(params) if p.startswith(tower)):
+        elif any(embeddings.match(p) for p in tree.flatten(params) if p.startswith(tower)):
             raise ValueError(f"optim.layer_decay.{tower}={decay} needs the {tower} tower's blocks "
                              "to be trained (they are frozen), to know the tower's depth")
     return depths
@@ -90,7 +88,10 @@ def _tower_depths(params: dict, optim_cfg) -> dict[str, int]:
 
 def lr_multipliers(params: dict, optim_cfg) -> dict | None:
     rules = list(optim_cfg.lr_mults.items())
-    depths = _tower_depths(params, optim_cfg)
+    # Tower parameters below the first block (patch/token/position/type embeddings and their
+    # norms), as each registered tower kind declares them.
+    embeddings = towers.embeddings_pattern()
+    depths = _tower_depths(params, optim_cfg, embeddings)
     if not rules and not depths:
         return None
 
@@ -103,7 +104,7 @@ def lr_multipliers(params: dict, optim_cfg) -> dict | None:
         if path.startswith(f"{tower}/blocks/"):
             per_layer = decay ** (depth - np.arange(depth, dtype=np.float64))
             return (m * per_layer).astype(np.float32).reshape((depth,) + (1,) * (x.ndim - 1))
-        return m * decay ** (depth + 1) if _EMBEDDINGS.match(path) else m
+        return m * decay ** (depth + 1) if embeddings.match(path) else m
 
     return tree.map_with_path(mult, params)
 

@@ -8,12 +8,14 @@ evaluators, `jaxclip eval`, export and `jaxclip.load`. None of them needs the tr
     cfg, params, step = runtime.restore(workdir)   # a checkpoint's parameters, optimizer unread
     params = runtime.place_params(tree, lay)   # any full parameter tree, checked and placed
     encode_image, encode_text = runtime.encoders(lay)   # compiled once per layout
+    encode_pixels, encode_tokens = runtime.local_encoders(cfg.model)   # jaxclip.load's
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +26,7 @@ from flax import nnx
 
 from jaxclip import checkpoint, config, optim, sharding, tree
 from jaxclip.data.pipeline import normalize_images
-from jaxclip.models import build_model
+from jaxclip.models import TwoTower, build_model
 
 
 # Hashed by identity: a layout is the cache key of its compiled encoders.
@@ -105,6 +107,31 @@ def encoders(lay: Layout) -> tuple[Callable, Callable]:
 
     kw = dict(in_shardings=(lay.param_shardings, batch_sh), out_shardings=batch_sh)
     return jax.jit(encode_image, **kw), jax.jit(encode_text, **kw)
+
+
+def local_encoders(model_cfg) -> tuple[Callable, Callable]:
+    """Jitted (params, float pixels) -> embeddings and (params, int32 tokens) -> embeddings on
+    the default device, for `jaxclip.load`. Every checkpoint of one architecture shares them:
+    initial values and lock flags do not change the forward pass, so they are not in the key."""
+    key = model_cfg.to_dict()
+    key.update(logit_scale_init=0.0,
+               logit_bias_init=None if key["logit_bias_init"] is None else 0.0)
+    key["image"]["locked"] = key["text"]["locked"] = False
+    return _local_encoders(json.dumps(key, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _local_encoders(model_json: str) -> tuple[Callable, Callable]:
+    model_cfg = config.from_dict({"model": json.loads(model_json)}).model
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: TwoTower(model_cfg, rngs=None)))
+
+    def encode_pixels(params, pixels):
+        return nnx.merge(graphdef, params).encode_image(pixels)[0]
+
+    def encode_tokens(params, tokens):
+        return nnx.merge(graphdef, params).encode_text(tokens)[0]
+
+    return jax.jit(encode_pixels), jax.jit(encode_tokens)
 
 
 def restore(workdir: str, step: int | None = None, mesh=None, *,

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from jaxclip import config
+
 TYPES: dict[str, tuple[Callable, dict, Callable | None]] = {}
 
-_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 # Keys every evaluator accepts, with defaults.
 COMMON = dict(type="", every_steps=0, at_start=False, batch_size=256)
@@ -61,10 +62,10 @@ def resolve(name: str, ecfg) -> dict:
         if isinstance(default, bool) and not isinstance(spec[key], bool):
             # `--config.evals.val.geometry=true` for a key the config file did not set arrives
             # as the string "true" (the config layer has no type for it); the schema does.
-            word = str(spec[key]).lower()
-            if word not in _BOOL_WORDS:
+            word = config.parse_bool(spec[key])
+            if word is None:
                 raise ValueError(f"{where}: {key} must be true or false, got {spec[key]!r}")
-            spec[key] = _BOOL_WORDS[word]
+            spec[key] = word
     if check is not None:
         check(where, spec)
     spec["name"] = name  # for error messages inside the evaluator

@@ -15,36 +15,14 @@ chunks (`batch_size`, the last one padded), so a corpus of any size compiles onc
 
 from __future__ import annotations
 
-import functools
-import json
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxclip import config, tree
+from jaxclip import config, runtime, tree
 from jaxclip.interop import sources
-
-
-@functools.lru_cache(maxsize=8)
-def _encoders(model_json: str) -> tuple[Callable, Callable]:
-    """Jitted (params, pixels) and (params, tokens) encoders for one model config, shared by
-    every Encoder of that architecture, so loading another checkpoint does not recompile."""
-    from flax import nnx
-
-    from jaxclip.models import TwoTower
-
-    model_cfg = config.from_dict({"model": json.loads(model_json)}).model
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: TwoTower(model_cfg)))
-
-    def image(params, pixels):
-        return nnx.merge(graphdef, params).encode_image(pixels)[0]
-
-    def text(params, tokens):
-        return nnx.merge(graphdef, params).encode_text(tokens)[0]
-
-    return jax.jit(image), jax.jit(text)
 
 
 class Encoder:
@@ -62,13 +40,8 @@ class Encoder:
         self.config = cfg
         self.source = source
         self._params = jax.device_put(tree.unflatten({p: np.asarray(v) for p, v in params.items()}))
-        # Initial values and lock flags do not change the forward pass: leave them out of
-        # the key, so checkpoints of one architecture share compiled encoders.
-        key = cfg.model.to_dict()
-        key.update(logit_scale_init=0.0, logit_bias_init=None if key["logit_bias_init"] is None
-                   else 0.0)
-        key["image"]["locked"] = key["text"]["locked"] = False
-        self._image, self._text = _encoders(json.dumps(key, sort_keys=True))
+        # Shared by every checkpoint of this architecture: loading another does not recompile.
+        self._image, self._text = runtime.local_encoders(cfg.model)
         self._tokenizer = None
 
     @property

@@ -30,7 +30,7 @@ from jaxclip import tree
 from jaxclip.interop import mapping, sources
 
 # Config keys that change a tower's function without changing any parameter shape.
-_ARCH_KEYS = {"image": ("act", "ln_eps", "pool"),
+_ARCH_KEYS = {"image": ("kind", "act", "ln_eps", "pool"),
               "text": ("kind", "act", "ln_eps", "causal", "pool")}
 
 

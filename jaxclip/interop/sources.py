@@ -79,7 +79,7 @@ def model_shapes(model_cfg) -> dict[str, tuple[int, ...]]:
 
     from jaxclip.models import TwoTower
 
-    abstract = nnx.eval_shape(lambda: TwoTower(model_cfg))
+    abstract = nnx.eval_shape(lambda: TwoTower(model_cfg, rngs=None))
     flat = tree.flatten(nnx.to_pure_dict(nnx.state(abstract)))
     return {p: tuple(x.shape) for p, x in flat.items()}
 

@@ -8,7 +8,8 @@ only computed when asked for.
 when `model.logit_bias_init` is set. With `loss.scale_param = "temperature"` (ALIGN) the same
 parameter holds the temperature itself; the loss, not the model, interprets it.
 
-The text tower is the CLIP transformer (text.py) or a BERT encoder (bert.py, `text.kind`). A tower
+Each modality's tower comes from the tower registry (towers.py) by `model.<modality>.kind`: the
+ViT (image.py), the CLIP transformer (text.py) or a BERT encoder (bert.py). A tower
 with `head != "none"` returns unprojected features and a separate head (heads.py, `image_head` /
 `text_head`) projects them; a locked tower is cut off by stop_gradient before its head, so no
 backward pass is built through it while the head trains.
@@ -23,10 +24,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxclip import sharding
+from jaxclip.models import towers
 from jaxclip.models.bert import BertTower
 from jaxclip.models.heads import Head
 from jaxclip.models.image import ImageTower
+from jaxclip.models.init import draw_params
 from jaxclip.models.text import TextTower
+
+# The built-in towers. Their modules do not import the registry, so that a tower module stays a
+# plain model file; a new tower registers itself with `@towers.register(...)` in its own module.
+towers.register("vit", modality="image",
+                embeddings=("patch_embed", "cls_token", "pos_embed", "ln_pre"))(ImageTower)
+towers.register("clip", modality="text", embeddings=("token_embed", "pos_embed"))(TextTower)
+towers.register("bert", modality="text",
+                embeddings=("token_embed", "pos_embed", "type_embed", "ln_embed"))(BertTower)
 
 
 @jax.tree_util.register_dataclass
@@ -55,12 +66,13 @@ def _embeddings(emb: jax.Array, tokens: jax.Array | None):
 
 
 class TwoTower(nnx.Module):
-    def __init__(self, cfg):
-        """cfg: the `model` section of a jaxclip config. Random parameters are left at zero
-        here and drawn by `jaxclip.models.init_params` (see `build_model`)."""
-        self.image = ImageTower(cfg.image, cfg.embed_dim)
-        text_tower = BertTower if cfg.text.kind == "bert" else TextTower
-        self.text = text_tower(cfg.text, cfg.embed_dim)
+    def __init__(self, cfg, *, rngs: nnx.Rngs | int | None):
+        """cfg: the `model` section of a jaxclip config; rngs: an `nnx.Rngs` (its `params`
+        stream) or an int seed from which every parameter is drawn. `rngs=None` leaves the random
+        parameters at zero: only for shapes (`nnx.eval_shape`) or when a checkpoint's values
+        replace them at once."""
+        for modality in towers.MODALITIES:
+            setattr(self, modality, towers.build(cfg, modality))
         # Heads live outside the towers' subtrees, so a locked tower's head still trains.
         self.image_head = (Head(cfg.image.head, cfg.image.width, cfg.embed_dim,
                                 ln_eps=cfg.image.ln_eps, text=False)
@@ -80,6 +92,8 @@ class TwoTower(nnx.Module):
         self.image_run = dict(run, remat=cfg.image.get("remat") or cfg.remat)
         self.text_run = dict(run, remat=cfg.text.get("remat") or cfg.remat)
         self.locked = (cfg.image.locked, cfg.text.locked)
+        if rngs is not None:
+            draw_params(self, rngs)
 
     def encode_image(self, images: jax.Array, *, return_tokens: bool = False):
         # The parameters are traced with the step's mesh: activation constraints apply inside.
