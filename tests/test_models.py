@@ -8,6 +8,7 @@ from flax import nnx
 
 from jaxclip import config
 from jaxclip.models import SIZES, build_model
+from jaxclip.models import layers as L
 from tests.helpers import jitted, random_tokens, tiny_config
 
 
@@ -126,7 +127,7 @@ def test_wrong_image_size_and_overlong_text_are_errors():
 
 
 def test_registry_sizes_have_open_clip_parameter_counts():
-    # Parameter counts from open_clip's model profile (interop spec §8), in millions.
+    # Parameter counts in millions, from open_clip's docs/model_profile.csv.
     expected = {"ViT-B-32": 151.28, "ViT-B-16": 149.62, "ViT-L-14": 427.62, "ViT-H-14": 986.11}
     for name, millions in expected.items():
         cfg = config.defaults()
@@ -134,3 +135,12 @@ def test_registry_sizes_have_open_clip_parameter_counts():
         abstract = nnx.eval_shape(lambda c=cfg: build_model(c.model))
         n = sum(x.size for x in jax.tree.leaves(nnx.state(abstract)))
         assert abs(n / 1e6 - millions) < 0.01, (name, n)
+
+
+def test_masked_mean_counts_real_positions_only():
+    x = jnp.arange(2 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 2)
+    mask = jnp.array([[True, True, False], [False, False, False]])
+    mean = L.masked_mean(x, mask, axis=1)
+    np.testing.assert_allclose(mean[0], x[0, :2].mean(0))
+    np.testing.assert_array_equal(mean[1], 0.0)  # nothing to average: 0, not NaN
+    np.testing.assert_allclose(L.masked_mean(x[..., 0], mask), x[0, :2, 0].mean())

@@ -1,7 +1,8 @@
 """Auxiliary geometry terms (alignment, uniformity, cross-uniformity) added to a main objective.
 
-From "It's Not a Modality Gap" (arXiv 2405.18570; shared/specs/losses.md §8). Use them as
-`loss.aux.align = 1.0`, `loss.aux.uniformity = 1.0`, `loss.aux.cross_uniformity = 1.0`.
+From "It's Not a Modality Gap" (arXiv 2405.18570, reference code abrar-fahim/contrastive-gap).
+Use them as `loss.aux.align = 1.0`, `loss.aux.uniformity = 1.0`,
+`loss.aux.cross_uniformity = 1.0`.
 Like every objective they are written in the local view and reduce over the mesh.
 """
 

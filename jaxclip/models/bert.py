@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxclip import sharding
 from jaxclip.models import layers as L
+from jaxclip.models.text import check_context_length
 
 _STD = 0.02  # BERT's initializer_range, for towers trained from scratch
 
@@ -36,31 +37,21 @@ class PostLNTransformer(nnx.Module):
         self.ln_1 = L.LayerNorm(width, eps=ln_eps, layers=depth)
         self.mlp = L.MLP(width, int(width * mlp_ratio), std=_STD, out_std=_STD, layers=depth)
         self.ln_2 = L.LayerNorm(width, eps=ln_eps, layers=depth)
-        self.depth = depth
         self.act = act
         self.eps = ln_eps
 
     def __call__(self, x: jax.Array, *, kv_lengths: jax.Array | None, scan: bool = True,
                  remat: str = "none", attn_impl: str = "xla") -> jax.Array:
-        params = nnx.to_pure_dict(nnx.state(self))
         act = L.activation(self.act)
         eps = self.eps
 
         def block(x, p):
-            x = sharding.constrain(x, L.ACT)
             x = x + L.attention(p["attn"], x, x, kv_lengths=kv_lengths, impl=attn_impl)
             x = L.layer_norm(x, p["ln_1"]["scale"], p["ln_1"]["bias"], eps)
             x = x + L.mlp(p["mlp"], x, act)
-            x = L.layer_norm(x, p["ln_2"]["scale"], p["ln_2"]["bias"], eps)
-            return sharding.constrain(x, L.ACT), None
+            return L.layer_norm(x, p["ln_2"]["scale"], p["ln_2"]["bias"], eps)
 
-        block = sharding.remat_block(block, remat, L._REMAT_POLICIES, prevent_cse=not scan)
-        if scan:
-            x, _ = jax.lax.scan(block, x, params)
-        else:
-            for i in range(self.depth):
-                x, _ = block(x, jax.tree.map(lambda a, i=i: a[i], params))
-        return x
+        return L.run_blocks(block, self, x, scan=scan, remat=remat)
 
 
 class BertTower(nnx.Module):
@@ -85,21 +76,14 @@ class BertTower(nnx.Module):
     def __call__(self, tokens: jax.Array, *, dtype=jnp.float32, scan=True, remat="none",
                  attn_impl="xla", return_tokens=False):
         """tokens: (B, T) int32, right-padded with pad_id. Returns (pooled, tokens, mask)."""
-        T = tokens.shape[1]
-        if self.context_length < T:
-            raise ValueError(f"text of length {T} exceeds the context length "
-                             f"{self.context_length} of the text tower")
+        T = check_context_length(tokens, self.context_length)
         mask = tokens != self.pad_id
         x = jnp.take(self.token_embed[...], tokens, axis=0)
         x = x + self.pos_embed[...][:T] + self.type_embed[...]
         x = sharding.constrain(self.ln_embed(x.astype(dtype)), L.ACT)
         x = self.blocks(x, kv_lengths=mask.sum(-1).astype(jnp.int32), scan=scan, remat=remat,
                         attn_impl=attn_impl)
-        if self.pool == "first":
-            pooled = x[:, 0]
-        else:
-            m = mask[..., None].astype(x.dtype)
-            pooled = (x * m).sum(1) / jnp.maximum(m.sum(1), 1)
+        pooled = x[:, 0] if self.pool == "first" else L.masked_mean(x, mask, axis=1)
         if self.proj is None:
             return pooled, x if return_tokens else None, mask
         proj = self.proj[...].astype(dtype)

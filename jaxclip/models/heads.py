@@ -4,7 +4,8 @@ With `model.{image,text}.head = "none"` a tower projects with its own `proj` mat
 layout, exportable to HF/open_clip, locked together with the tower). Any other head replaces
 that matrix by a separate module, `image_head` / `text_head` at the top of the parameter tree,
 so locking a tower (`^image/`, `^text/`) leaves its head trainable: LiT's "locked image tower,
-text tower with a linear head", or the frozen-encoders-plus-projectors recipe (losses.md §17).
+text tower with a linear head", or the frozen-encoders-plus-projectors recipe of "Harnessing
+Frozen Unimodal Encoders" (arXiv 2409.19425, reference code mayug/freeze-align).
 
   linear     y = W x + b
   mlp        freeze-align's ProjectionHead: p = W1 x + b1; y = LN(p + W2 gelu(p) + b2)
@@ -19,7 +20,6 @@ width of the per-token MLP is embed_dim.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxclip.models import layers as L
@@ -88,6 +88,4 @@ class Head(nnx.Module):
         per_token = self.tokens(tokens)
         if not self.text:
             return self.tokens(pooled) + per_token.mean(axis=1), per_token
-        m = mask[..., None].astype(per_token.dtype)
-        mean = (per_token * m).sum(1) / jnp.maximum(m.sum(1), 1)
-        return self.mlp(mean), per_token
+        return self.mlp(L.masked_mean(per_token, mask, axis=1)), per_token

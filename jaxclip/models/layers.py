@@ -238,6 +238,39 @@ _REMAT_POLICIES = {
 REMAT_CHOICES = ("none", *_REMAT_POLICIES)
 
 
+def run_blocks(block: Callable[[jax.Array, dict], jax.Array], stack: nnx.Module, x: jax.Array,
+               *, scan: bool, remat: str) -> jax.Array:
+    """x through `block(x, p)` once per layer of `stack`, p being that layer's parameters.
+
+    Every parameter of `stack` carries the leading "layers" axis; p is its slice, a dict of
+    arrays. `scan` runs one `lax.scan` over the stack, else an unrolled loop over the slices;
+    `remat` is one of REMAT_CHOICES. The block's input and output are pinned to ACT inside the
+    scan/remat body, so the forward that the backward recomputes is pinned as well.
+    """
+    params = nnx.to_pure_dict(nnx.state(stack))
+
+    def body(x, p):
+        return sharding.constrain(block(sharding.constrain(x, ACT), p), ACT), None
+
+    body = sharding.remat_block(body, remat, _REMAT_POLICIES, prevent_cse=not scan)
+    if scan:
+        return jax.lax.scan(body, x, params)[0]
+    depth = jax.tree.leaves(params)[0].shape[0]
+    for i in range(depth):
+        x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], params))
+    return x
+
+
+def masked_mean(x: jax.Array, mask: jax.Array, axis: int | None = None) -> jax.Array:
+    """Mean of x over `axis` counting only the positions where `mask` is true.
+
+    `mask` covers x's leading dims (a (B, T) token mask for (B, T, width) features) and is
+    broadcast over the rest. A row with no true position averages to 0 rather than NaN.
+    """
+    m = mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim)).astype(x.dtype)
+    return (x * m).sum(axis) / jnp.maximum(m.sum(axis), 1)
+
+
 class Transformer(nnx.Module):
     """`depth` pre-LN residual blocks, x + attn(ln_1(x)) then x + mlp(ln_2(x)), stacked."""
 
@@ -252,29 +285,19 @@ class Transformer(nnx.Module):
         self.attn = Attention(width, heads, std=attn_std, out_std=out_std, layers=L)
         self.ln_2 = LayerNorm(width, eps=ln_eps, layers=L)
         self.mlp = MLP(width, int(width * mlp_ratio), std=fc_std, out_std=out_std, layers=L)
-        self.depth = depth
         self.act = act
         self.eps = ln_eps
 
     def __call__(self, x: jax.Array, *, causal: bool = False, kv_lengths: jax.Array | None = None,
                  scan: bool = True, remat: str = "none", attn_impl: str = "xla") -> jax.Array:
-        params = nnx.to_pure_dict(nnx.state(self))
         act = activation(self.act)
         eps = self.eps
 
         def block(x, p):
-            # Pinned inside the scan/remat body, so the recomputed forward is pinned as well.
-            x = sharding.constrain(x, ACT)
             y = layer_norm(x, p["ln_1"]["scale"], p["ln_1"]["bias"], eps)
             x = x + attention(p["attn"], y, y, causal=causal, kv_lengths=kv_lengths,
                               impl=attn_impl)
             y = layer_norm(x, p["ln_2"]["scale"], p["ln_2"]["bias"], eps)
-            return sharding.constrain(x + mlp(p["mlp"], y, act), ACT), None
+            return x + mlp(p["mlp"], y, act)
 
-        block = sharding.remat_block(block, remat, _REMAT_POLICIES, prevent_cse=not scan)
-        if scan:
-            x, _ = jax.lax.scan(block, x, params)
-        else:
-            for i in range(self.depth):
-                x, _ = block(x, jax.tree.map(lambda a, i=i: a[i], params))
-        return x
+        return run_blocks(block, self, x, scan=scan, remat=remat)

@@ -35,6 +35,15 @@ def valid_mask(tokens: jax.Array, pool: str, eot_id: int, pad_id: int) -> jax.Ar
     return tokens != pad_id
 
 
+def check_context_length(tokens: jax.Array, context_length: int) -> int:
+    """The length T of (B, T) tokens, which the position table must cover."""
+    T = tokens.shape[1]
+    if context_length < T:
+        raise ValueError(f"text of length {T} exceeds the context length {context_length} of "
+                         "the text tower")
+    return T
+
+
 class TextTower(nnx.Module):
     def __init__(self, cfg, embed_dim: int):
         w = cfg.width
@@ -57,10 +66,7 @@ class TextTower(nnx.Module):
     def __call__(self, tokens: jax.Array, *, dtype=jnp.float32, scan=True, remat="none",
                  attn_impl="xla", return_tokens=False):
         """tokens: (B, T) int32, T <= context_length. Returns (pooled, token features, mask)."""
-        T = tokens.shape[1]
-        if self.context_length < T:
-            raise ValueError(f"text of length {T} exceeds the context length "
-                             f"{self.context_length} of the text tower")
+        T = check_context_length(tokens, self.context_length)
         mask = valid_mask(tokens, self.pool, self.eot_id, self.pad_id)
         # The table is gathered out of its FSDP shards (in the compute dtype) before the lookup,
         # so the lookup runs on each device's own rows; a lookup into the fsdp-split table
@@ -82,8 +88,7 @@ class TextTower(nnx.Module):
         elif self.pool == "first":
             pooled = x[:, 0]
         else:
-            m = mask[..., None].astype(x.dtype)
-            pooled = (x * m).sum(1) / jnp.maximum(m.sum(1), 1)
+            pooled = L.masked_mean(x, mask, axis=1)
         if self.proj is None:
             return pooled, x if return_tokens else None, mask
         proj = self.proj[...].astype(dtype)
