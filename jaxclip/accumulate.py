@@ -47,12 +47,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxclip import config, tree
+from jaxclip.models import towers
 from jaxclip.sharding import BATCH_AXES
 
 __all__ = ["check_microbatches", "loss_and_grads"]
 
 # Top-level parameter subtrees whose values reach each tower's embeddings (TwoTower's layout).
-_TOWER_PARAMS = {"image": ("image", "image_head"), "text": ("text", "text_head")}
+_TOWER_PARAMS = {m: (m, f"{m}_head") for m in towers.MODALITIES}
 
 
 def check_microbatches(global_batch: int, batch_divisor: int, k: int) -> None:
@@ -131,12 +132,12 @@ def loss_and_grads(graphdef, params: dict, frozen: dict, images: jax.Array, text
         bias = None if model.logit_bias is None else model.logit_bias[...]
         return model.logit_scale[...], bias
 
-    xs = (_split(images, n, k, mesh), _split(text, n, k, mesh))
+    xs = {"image": _split(images, n, k, mesh), "text": _split(text, n, k, mesh)}
 
     # Pass 1: embeddings only. Nothing is differentiated here, so each iteration's activations
     # die with it; the scan stacks the (k, B/k, ...) outputs.
     def embed(_, x):
-        enc = model_of(params)(x[0], x[1], return_tokens=return_tokens)
+        enc = model_of(params).encode_all(x, return_tokens=return_tokens)
         rows = dataclasses.replace(enc, logit_scale=None, logit_bias=None)
         return None, jax.tree.map(lambda a: _constrain(a, mesh, 0), rows)
 
@@ -146,11 +147,11 @@ def loss_and_grads(graphdef, params: dict, frozen: dict, images: jax.Array, text
 
     # Pass 2: the objective once over the whole batch. The mask (bool) is not differentiable,
     # so it rides along as a constant.
-    mask = rows.text_mask
-    diff = dataclasses.replace(rows, logit_scale=scale, logit_bias=bias, text_mask=None)
+    masks = rows.masks
+    diff = dataclasses.replace(rows, logit_scale=scale, logit_bias=bias, masks={})
 
     def loss_of(d):
-        return objective(dataclasses.replace(d, text_mask=mask))
+        return objective(dataclasses.replace(d, masks=masks))
 
     (loss, metrics), g_enc = jax.value_and_grad(loss_of, has_aux=True)(diff)
 
@@ -158,29 +159,23 @@ def loss_and_grads(graphdef, params: dict, frozen: dict, images: jax.Array, text
     _, pull_scalars = jax.vjp(scalars, params)
     (grads,) = pull_scalars((g_enc.logit_scale, g_enc.logit_bias))
 
-    towers = [t for t in ("image", "text") if _trainable(params, t)]
-    if towers:
-        grads = _backward(model_of, params, xs, g_enc, towers, n, k, mesh, return_tokens,
+    trained = [m for m in xs if _trainable(params, m)]
+    if trained:
+        grads = _backward(model_of, params, xs, g_enc, trained, n, k, mesh, return_tokens,
                           grad_shardings, grads)
     return (loss, (metrics, scale, bias)), grads
 
 
-def _backward(model_of, params, xs, g_enc, towers, n, k, mesh, return_tokens, grad_shardings,
+def _backward(model_of, params, xs, g_enc, trained, n, k, mesh, return_tokens, grad_shardings,
               grads):
     """Pass 3: per micro-batch, re-embed the trainable towers inside `jax.vjp` and pull the
     loss's embedding gradient back to the parameters, summed in float32."""
-    cot = {t: (g_enc.image_emb, g_enc.image_tokens) if t == "image"
-           else (g_enc.text_emb, g_enc.text_tokens) for t in towers}
+    cot = {m: (g_enc.emb[m], g_enc.tokens.get(m)) for m in trained}
     cot = jax.tree.map(lambda g: _split(g, n, k, mesh), cot)
 
-    def towers_of(p, images, text):
+    def towers_of(p, inputs):
         model = model_of(p)
-        out = {}
-        if "image" in towers:
-            out["image"] = model.encode_image(images, return_tokens=return_tokens)
-        if "text" in towers:
-            out["text"] = model.encode_text(text, return_tokens=return_tokens)[:2]
-        return out
+        return {m: model.encode(m, inputs[m], return_tokens=return_tokens)[:2] for m in trained}
 
     def pin(acc):
         if grad_shardings is None:
@@ -188,8 +183,8 @@ def _backward(model_of, params, xs, g_enc, towers, n, k, mesh, return_tokens, gr
         return jax.tree.map(jax.lax.with_sharding_constraint, acc, grad_shardings)
 
     def step(acc, x):
-        (images, text), g = x
-        _, pull = jax.vjp(lambda p: towers_of(p, images, text), params)
+        inputs, g = x
+        _, pull = jax.vjp(lambda p: towers_of(p, inputs), params)
         (g_params,) = pull(g)
         return pin(jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g_params)), None
 

@@ -131,6 +131,9 @@ def defaults() -> ConfigDict:
     lo.scale_max = math.log(100)  # clamp of the log-scale after every step; None disables
     lo.learn_scale = True
     lo.aux = ConfigDict()  # name -> weight of registered auxiliary terms
+    # The two modalities the objective contrasts, in its (x, y) order: image -> text is the
+    # first direction of CLIP's loss, and the image tower is the locked one in LiT.
+    lo.pair = ("image", "text")
     # Each objective's own settings, as it registered them: loss.clip.label_smoothing, ...
     for name in loss_registry.names():
         if own := loss_registry.get(name).config:
@@ -474,6 +477,10 @@ def validate(cfg: ConfigDict) -> None:
     for path in ("train.steps", "train.batch_size", "train.log_every"):
         if get_path(cfg, path) <= 0:
             raise ConfigError(f"config key {path!r} must be positive, got {get_path(cfg, path)}")
+    pair = tuple(cfg.loss.pair)
+    if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(tower_registry.MODALITIES):
+        raise ConfigError(f"config key 'loss.pair' must name two different modalities of "
+                          f"{tower_registry.MODALITIES}, got {pair}")
     if cfg.loss.tile < 0:
         raise ConfigError(f"config key 'loss.tile' must be >= 0, got {cfg.loss.tile}")
     for path in ("train.watchdog_multiple", "train.watchdog_floor_s",

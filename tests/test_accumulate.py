@@ -134,19 +134,19 @@ def _image_tower_runs(cfg, m, k):
 
 
 def test_token_objective_gets_token_gradients():
-    """A token-level objective (enc.image_tokens / text_tokens / text_mask, FILIP-like) through
+    """A token-level objective (enc.x_tokens / y_tokens / y_mask, FILIP-like) through
     the same three passes: the token embeddings' gradient reaches the towers."""
 
     def objective(enc):
         # Mean of the real text tokens and of the patch tokens, as extra embeddings in a dense
         # InfoNCE next to the pooled one.
-        mask = enc.text_mask[..., None].astype(jnp.float32)
-        txt = l2_normalize((enc.text_tokens * mask).sum(1) / mask.sum(1))
-        img = l2_normalize(enc.image_tokens.mean(1))
+        mask = enc.y_mask[..., None].astype(jnp.float32)
+        txt = l2_normalize((enc.y_tokens * mask).sum(1) / mask.sum(1))
+        img = l2_normalize(enc.x_tokens.mean(1))
         labels = jnp.arange(img.shape[0])
         scale = jnp.exp(enc.logit_scale)
         total = 0.0
-        for a, b in ((img, txt), (enc.image_emb, enc.text_emb)):
+        for a, b in ((img, txt), (enc.x, enc.y)):
             logits = scale * a @ b.T
             total += -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
         return total, {}

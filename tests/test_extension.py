@@ -40,7 +40,7 @@ class BagOfWords(nnx.Module):
 @losses.register("hinge", config=dict(margin=0.2))
 def hinge(enc, cfg, axis):
     """Mean hinge on every negative text of the global batch: max(0, margin - s_pos + s_neg)."""
-    img, txt = enc.image_emb, gather(enc.text_emb, axis)
+    img, txt = enc.x, gather(enc.y, axis)
     b = img.shape[0]
     sims = img @ txt.T  # (b, B)
     labels = jnp.arange(b) + b * shard_index(axis)
@@ -73,7 +73,7 @@ def test_loss_matches_a_numpy_reference():
     x, y = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in rng.normal(size=(2, 6, 4)))
     cfg = config.defaults().loss
     cfg.name = "hinge"
-    enc = losses.Encoded(jnp.asarray(x), jnp.asarray(y), jnp.float32(0.0))
+    enc = losses.Encoded.of_pair(jnp.asarray(x), jnp.asarray(y), jnp.float32(0.0))
     got = losses.total_objective(cfg)(enc, axis=None)[0]
     s = x @ y.T
     want = np.maximum(0.2 - np.diag(s)[:, None] + s, 0)[~np.eye(6, dtype=bool)].mean()

@@ -67,10 +67,10 @@ def test_align_smoothing_minimum_and_options():
 def test_geometry_terms():
     cfg = config.defaults().loss
     x = jnp.asarray([[1.0, 0.0], [-1.0, 0.0]])
-    enc = Encoded(x, x, jnp.float32(0.0))
+    enc = Encoded.of_pair(x, x, jnp.float32(0.0))
     assert float(losses.get("uniformity").fn(enc, cfg, None)[0]) == pytest.approx(-8.0, 1e-6)
     assert float(losses.get("align").fn(enc, cfg, None)[0]) == 0.0
-    collapsed = Encoded(jnp.ones((3, 2)) / math.sqrt(2), jnp.ones((3, 2)) / math.sqrt(2),
+    collapsed = Encoded.of_pair(jnp.ones((3, 2)) / math.sqrt(2), jnp.ones((3, 2)) / math.sqrt(2),
                         jnp.float32(0))
     assert float(losses.get("uniformity").fn(collapsed, cfg, None)[0]) == pytest.approx(0, abs=1e-6)
 
@@ -92,7 +92,7 @@ def _random_embeddings(n=32, d=16, seed=0):
 
 def _value_and_grads(fn, img, txt, scale, bias):
     def f(a, b, s, c):
-        return fn(Encoded(a, b, s, c))[0]
+        return fn(Encoded.of_pair(a, b, s, c))[0]
 
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(img, txt, scale, bias)
 
@@ -135,7 +135,7 @@ def _loss_temp_bytes(impl: str, n_devices: int, b: int = 256, d: int = 64) -> in
     s = jax.ShapeDtypeStruct((), jnp.float32)
 
     def f(a, t, scale):
-        return jax.value_and_grad(lambda a, t, scale: fn(Encoded(a, t, scale))[0],
+        return jax.value_and_grad(lambda a, t, scale: fn(Encoded.of_pair(a, t, scale))[0],
                                   argnums=(0, 1, 2))(a, t, scale)
 
     compiled = jax.jit(f).lower(spec, spec, s).compile()

@@ -77,9 +77,9 @@ def test_ring_without_a_mesh_is_the_dense_loss():
 def _metrics(name, impl, img, txt, mesh):
     cfg = config.defaults().loss
     cfg.name, cfg.impl = name, impl
-    enc = Encoded(img, txt, jnp.float32(2.0), jnp.float32(-1.0) if name == "siglip" else None)
+    enc = Encoded.of_pair(img, txt, jnp.float32(2.0), jnp.float32(-1.0) if name == "siglip" else None)
     put = functools.partial(jax.device_put, device=sharding.batch_sharding(mesh))
-    enc = Encoded(put(enc.image_emb), put(enc.text_emb), enc.logit_scale, enc.logit_bias)
+    enc = Encoded.of_pair(put(enc.x), put(enc.y), enc.logit_scale, enc.logit_bias)
     return jax.jit(losses.objective_over_mesh(cfg, mesh))(enc)[1]
 
 
@@ -237,7 +237,7 @@ def test_every_collective_is_ordered_against_the_ring_loops(loss, shape):
     put = functools.partial(jax.device_put, device=sharding.batch_sharding(mesh))
 
     def step(a, t, s, c):  # loss, metrics and gradients, as the train step uses them
-        return jax.value_and_grad(lambda *e: fn(Encoded(*e)), argnums=(0, 1, 2, 3),
+        return jax.value_and_grad(lambda *e: fn(Encoded.of_pair(*e)), argnums=(0, 1, 2, 3),
                                   has_aux=True)(a, t, s, c)
 
     hlo = jax.jit(step).lower(put(img), put(txt), jnp.float32(2.3),

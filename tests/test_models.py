@@ -26,10 +26,10 @@ def test_shapes_and_unit_norm():
     images, tokens = _inputs(cfg)
     out = jitted(model, return_tokens=True)(images, tokens)
     assert out.image_emb.shape == (3, 32) and out.text_emb.shape == (3, 32)
-    assert out.image_tokens.shape == (3, 16, 32)  # 4x4 patches, CLS dropped
-    assert out.text_tokens.shape == (3, 12, 32) and out.text_mask.shape == (3, 12)
+    assert out.tokens["image"].shape == (3, 16, 32)  # 4x4 patches, CLS dropped
+    assert out.tokens["text"].shape == (3, 12, 32) and out.masks["text"].shape == (3, 12)
     np.testing.assert_allclose(jnp.linalg.norm(out.image_emb, axis=-1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(jnp.linalg.norm(out.text_tokens, axis=-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(jnp.linalg.norm(out.tokens["text"], axis=-1), 1.0, rtol=1e-6)
     assert out.logit_scale.shape == () and out.logit_bias is None
     np.testing.assert_allclose(out.logit_scale, np.log(1 / 0.07), rtol=1e-6)
 

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def loss_and_grads(img, txt, scale, bias):
         def f(a, t, s, c):
-            return objective(Encoded(a, t, s, c if args.loss == "siglip" else None))[0]
+            return objective(Encoded.of_pair(a, t, s, c if args.loss == "siglip" else None))[0]
 
         return jax.value_and_grad(f, argnums=(0, 1, 2, 3))(img, txt, scale, bias)
 

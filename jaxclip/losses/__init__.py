@@ -14,7 +14,6 @@ one config line (`loss.name = name`, or `loss.aux.name = weight` to add it as a 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -31,7 +30,7 @@ from jaxclip.sharding import BATCH_AXES
 def _loss_cfg(**kw) -> ml_collections.ConfigDict:
     own = {k: kw.pop(k) for k in ("label_smoothing", "direction_reduce") if k in kw}
     base = dict(name="clip", impl="dense", scale_param="logit_scale", learn_scale=True, tile=0,
-                aux={}, clip=dict(get("clip").config, **own))
+                aux={}, pair=("image", "text"), clip=dict(get("clip").config, **own))
     base.update(kw)
     return ml_collections.ConfigDict(base)
 
@@ -52,7 +51,7 @@ def clip_loss(image_emb, text_emb, logit_scale, *, label_smoothing: float = 0.0,
     split over its ("data", "fsdp") axes and `impl` ("all_gather" | "ring" | "dense") says how
     the loss runs over them; `tile` is the ring's column tile (0 = whole block).
     """
-    enc = Encoded(jnp.asarray(image_emb), jnp.asarray(text_emb), jnp.asarray(logit_scale))
+    enc = Encoded.of_pair(jnp.asarray(image_emb), jnp.asarray(text_emb), jnp.asarray(logit_scale))
     cfg = _loss_cfg(label_smoothing=label_smoothing, scale_param=scale_param,
                     direction_reduce=direction_reduce, impl=impl, tile=tile)
     return _over_mesh(cfg, mesh, enc)
@@ -62,8 +61,8 @@ def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, *, impl: str = "de
                 tile: int = 0) -> jax.Array:
     """Pairwise sigmoid loss over a global batch; logit_scale is log t, logit_bias is b.
     `impl`, `mesh` and `tile` as in `clip_loss`."""
-    enc = Encoded(jnp.asarray(image_emb), jnp.asarray(text_emb), jnp.asarray(logit_scale),
-                  jnp.asarray(logit_bias))
+    enc = Encoded.of_pair(jnp.asarray(image_emb), jnp.asarray(text_emb),
+                          jnp.asarray(logit_scale), jnp.asarray(logit_bias))
     return _over_mesh(_loss_cfg(name="siglip", impl=impl, tile=tile), mesh, enc)
 
 
@@ -75,7 +74,10 @@ def total_objective(loss_cfg):
                          f"it supports {main.impls}")
     aux = {name: (get(name), float(w)) for name, w in loss_cfg.aux.items() if float(w) != 0.0}
 
+    pair = tuple(loss_cfg.get("pair", ("image", "text")))
+
     def fn(enc, axis):
+        enc = enc.contrasting(pair)
         loss, metrics = main.fn(enc, loss_cfg, axis)
         metrics = dict(metrics)
         if aux:
@@ -86,8 +88,7 @@ def total_objective(loss_cfg):
             # loop (core.after). The all_gather form has no loop to order against.
             term_enc = enc
             if loss_cfg.impl == "ring":
-                img, txt = after((enc.image_emb, enc.text_emb), loss, axis)
-                term_enc = dataclasses.replace(enc, image_emb=img, text_emb=txt)
+                term_enc = enc.with_pair(*after((enc.x, enc.y), loss, axis))
             value, _ = objective.fn(term_enc, loss_cfg, axis)
             metrics[f"loss_{name}"] = value
             loss = loss + weight * value

@@ -56,7 +56,7 @@ def _batch_stats(logits: jax.Array, labels: jax.Array, axis) -> dict[str, jax.Ar
 
 def _clip_all_gather(enc, cfg, axis):
     scale = scale_value(enc.logit_scale, cfg)
-    img, txt = enc.image_emb, enc.text_emb
+    img, txt = enc.x, enc.y
     b = img.shape[0]
     labels = jnp.arange(b) + b * shard_index(axis)
     logits_i2t = scale * img @ gather(txt, axis).T  # (b, B): this shard's images vs all texts
@@ -89,7 +89,7 @@ def _ring_common(enc, cfg, axis, kind, bias):
     logit, which need no ring: Σ_j s·x_r·y_j = s·x_r·Σ_j y_j), the labels and the sizes."""
     scale = scale_value(enc.logit_scale, cfg)
     n = 1 if axis is None else jax.lax.axis_size(axis)
-    x, y = enc.image_emb.astype(jnp.float32), enc.text_emb.astype(jnp.float32)
+    x, y = enc.x.astype(jnp.float32), enc.y.astype(jnp.float32)
     b = x.shape[0]
     tile = int(cfg.get("tile", 0) or 0)
     # One varying copy of the scale / bias serves every per-shard use: each shard's cotangent is
@@ -147,7 +147,7 @@ def siglip(enc, cfg, axis):
     """Pairwise sigmoid loss (SigLIP): sum over texts, mean over images."""
     scale = scale_value(enc.logit_scale, cfg)
     bias = jnp.float32(0.0) if enc.logit_bias is None else enc.logit_bias.astype(jnp.float32)
-    img, txt = enc.image_emb, enc.text_emb
+    img, txt = enc.x, enc.y
     b = img.shape[0]
     if cfg.impl == "ring":
         r = _ring_common(enc, cfg, axis, "sigmoid", bias)

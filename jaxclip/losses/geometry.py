@@ -19,7 +19,7 @@ _T = 2.0  # uniformity temperature t of the paper
 @register("align", impls=("all_gather", "ring", "dense"))
 def align(enc, cfg, axis):
     """Mean squared distance between matched image and text embeddings."""
-    d2 = jnp.sum(jnp.square(enc.image_emb - enc.text_emb), axis=-1)
+    d2 = jnp.sum(jnp.square(enc.x - enc.y), axis=-1)
     return mean_over(d2.mean(), axis), {}
 
 
@@ -45,11 +45,11 @@ def _log_mean_offdiag_kernel(rows: jax.Array, cols_all: jax.Array, axis, exclude
 def uniformity(enc, cfg, axis):
     """½·log E exp(-2||x_i - x_j||²) for images plus the same for texts (i != j)."""
     terms = [_log_mean_offdiag_kernel(e, gather(e, axis), axis, True)
-             for e in (enc.image_emb, enc.text_emb)]
+             for e in (enc.x, enc.y)]
     return 0.5 * (terms[0] + terms[1]), {}
 
 
 @register("cross_uniformity", impls=("all_gather", "ring", "dense"))
 def cross_uniformity(enc, cfg, axis):
     """log E exp(-2||x_i - y_j||²) over unmatched image-text pairs."""
-    return _log_mean_offdiag_kernel(enc.image_emb, gather(enc.text_emb, axis), axis, True), {}
+    return _log_mean_offdiag_kernel(enc.x, gather(enc.y, axis), axis, True), {}

@@ -43,13 +43,45 @@ towers.register("bert", modality="text",
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Encoded:
-    image_emb: jax.Array  # (B, E) L2-normalised, float32
-    text_emb: jax.Array  # (B, E) L2-normalised, float32
-    logit_scale: jax.Array  # () raw parameter (log-scale or temperature)
+    """A batch encoded by every tower, keyed by modality ("image", "text"), and the loss scalars.
+
+    An objective contrasts one `pair` of modalities, (image, text) unless `loss.pair` says
+    otherwise; it reads them by role: `x` / `y` (embeddings), `x_tokens` / `y_tokens`, `x_mask` /
+    `y_mask` (None where the tower gives none). `image_emb` / `text_emb` name the modalities.
+    """
+
+    emb: dict[str, jax.Array]  # modality -> (B, E) L2-normalised, float32
+    logit_scale: jax.Array | None  # () raw parameter (log-scale or temperature)
     logit_bias: jax.Array | None = None  # ()
-    image_tokens: jax.Array | None = None  # (B, N_patches, E) L2-normalised per token
-    text_tokens: jax.Array | None = None  # (B, T, E) L2-normalised per token
-    text_mask: jax.Array | None = None  # (B, T) bool, real tokens
+    tokens: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # (B, N, E) per token
+    masks: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # (B, N) bool, real
+    pair: tuple[str, str] = dataclasses.field(default=("image", "text"),
+                                              metadata=dict(static=True))
+
+    @classmethod
+    def of_pair(cls, x, y, logit_scale, logit_bias=None, *, pair=("image", "text")) -> Encoded:
+        """Two modalities' embeddings (the functional losses' input)."""
+        return cls({pair[0]: x, pair[1]: y}, logit_scale, logit_bias, pair=tuple(pair))
+
+    def contrasting(self, pair) -> Encoded:
+        missing = [m for m in pair if m not in self.emb]
+        if missing:
+            raise ValueError(f"loss.pair={tuple(pair)}: no {missing} embeddings; the model "
+                             f"encodes {sorted(self.emb)}")
+        return dataclasses.replace(self, pair=tuple(pair))
+
+    def with_pair(self, x, y) -> Encoded:
+        """The same, with the pair's embeddings replaced."""
+        return dataclasses.replace(self, emb={**self.emb, self.pair[0]: x, self.pair[1]: y})
+
+    x = property(lambda self: self.emb[self.pair[0]])
+    y = property(lambda self: self.emb[self.pair[1]])
+    x_tokens = property(lambda self: self.tokens.get(self.pair[0]))
+    y_tokens = property(lambda self: self.tokens.get(self.pair[1]))
+    x_mask = property(lambda self: self.masks.get(self.pair[0]))
+    y_mask = property(lambda self: self.masks.get(self.pair[1]))
+    image_emb = property(lambda self: self.emb["image"])
+    text_emb = property(lambda self: self.emb["text"])
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
@@ -71,66 +103,64 @@ class TwoTower(nnx.Module):
         stream) or an int seed from which every parameter is drawn. `rngs=None` leaves the random
         parameters at zero: only for shapes (`nnx.eval_shape`) or when a checkpoint's values
         replace them at once."""
-        for modality in towers.MODALITIES:
-            setattr(self, modality, towers.build(cfg, modality))
-        # Heads live outside the towers' subtrees, so a locked tower's head still trains.
-        self.image_head = (Head(cfg.image.head, cfg.image.width, cfg.embed_dim,
-                                ln_eps=cfg.image.ln_eps, text=False)
-                           if cfg.image.head != "none" else None)
-        self.text_head = (Head(cfg.text.head, cfg.text.width, cfg.embed_dim,
-                               ln_eps=cfg.text.ln_eps, text=True)
-                          if cfg.text.head != "none" else None)
+        # Each modality's tower and optional head, as attributes named after the modality (the
+        # parameter paths "image/...", "text_head/..." of every checkpoint so far).
+        run = dict(scan=cfg.scan_layers, attn_impl=cfg.attn_impl)
+        self.modalities = towers.MODALITIES
+        self.runs, self.locked = {}, {}
+        for m in self.modalities:
+            section = cfg[m]
+            setattr(self, m, towers.build(cfg, m))
+            # Heads live outside the towers' subtrees, so a locked tower's head still trains.
+            setattr(self, f"{m}_head", Head(section.head, section.width, cfg.embed_dim,
+                                            ln_eps=section.ln_eps, text=m == "text")
+                    if section.head != "none" else None)
+            # The tower's own remat policy when set, else model.remat. attn_impl "auto" is
+            # resolved per attention call (layers.resolve_attn_impl: backend, dtype, head dim).
+            self.runs[m] = dict(run, remat=section.get("remat") or cfg.remat)
+            self.locked[m] = section.locked
         self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32), axes=(),
                                      init=("value",))
         self.logit_bias = (nnx.Param(jnp.asarray(cfg.logit_bias_init, jnp.float32), axes=(),
                                      init=("value",))
                            if cfg.logit_bias_init is not None else None)
         self.dtype = jnp.dtype(cfg.dtype)
-        # Each tower's remat policy: its own `remat` when set, else model.remat. attn_impl "auto"
-        # is resolved per attention call (layers.resolve_attn_impl: backend, dtype, head dim).
-        run = dict(scan=cfg.scan_layers, attn_impl=cfg.attn_impl)
-        self.image_run = dict(run, remat=cfg.image.get("remat") or cfg.remat)
-        self.text_run = dict(run, remat=cfg.text.get("remat") or cfg.remat)
-        self.locked = (cfg.image.locked, cfg.text.locked)
         if rngs is not None:
             draw_params(self, rngs)
 
-    def encode_image(self, images: jax.Array, *, return_tokens: bool = False):
+    def encode(self, modality: str, inputs: jax.Array, *, return_tokens: bool = False):
+        """(embeddings, token features or None, mask or None) of one modality's inputs."""
         # The parameters are traced with the step's mesh: activation constraints apply inside.
         with sharding.activation_mesh(self.logit_scale[...]):
-            head = self.image_head
+            head = getattr(self, f"{modality}_head")
             want = return_tokens or (head is not None and head.kind == "patch_mlp")
-            emb, tokens = self.image(images, dtype=self.dtype, return_tokens=want,
-                                     **self.image_run)
-            if self.locked[0]:
-                emb, tokens = jax.lax.stop_gradient((emb, tokens))
-            if head is not None:
-                emb, tokens = head(emb, tokens)
-            tokens = tokens if return_tokens else None
-            return _embeddings(emb, tokens)
-
-    def encode_text(self, text: jax.Array, *, return_tokens: bool = False):
-        with sharding.activation_mesh(self.logit_scale[...]):
-            head = self.text_head
-            want = return_tokens or (head is not None and head.kind == "patch_mlp")
-            emb, tokens, mask = self.text(text, dtype=self.dtype, return_tokens=want,
-                                          **self.text_run)
-            if self.locked[1]:
+            out = getattr(self, modality)(inputs, dtype=self.dtype, return_tokens=want,
+                                          **self.runs[modality])
+            emb, tokens, mask = (*out, None)[:3]  # image towers return no mask
+            if self.locked[modality]:
                 emb, tokens = jax.lax.stop_gradient((emb, tokens))
             if head is not None:
                 emb, tokens = head(emb, tokens, mask)
             tokens = tokens if return_tokens else None
             return (*_embeddings(emb, tokens), mask)
 
+    def encode_image(self, images: jax.Array, *, return_tokens: bool = False):
+        return self.encode("image", images, return_tokens=return_tokens)[:2]
+
+    def encode_text(self, text: jax.Array, *, return_tokens: bool = False):
+        return self.encode("text", text, return_tokens=return_tokens)
+
+    def encode_all(self, inputs: dict[str, jax.Array], *, return_tokens: bool = False):
+        """`Encoded` of a batch {modality: inputs}; tokens and masks only with return_tokens."""
+        emb, tokens, masks = {}, {}, {}
+        for m, x in inputs.items():
+            emb[m], tok, mask = self.encode(m, x, return_tokens=return_tokens)
+            if return_tokens:
+                tokens[m] = tok
+                if mask is not None:
+                    masks[m] = mask
+        bias = None if self.logit_bias is None else self.logit_bias[...]
+        return Encoded(emb, self.logit_scale[...], bias, tokens, masks)
+
     def __call__(self, images: jax.Array, text: jax.Array, *, return_tokens: bool = False):
-        img, img_tok = self.encode_image(images, return_tokens=return_tokens)
-        txt, txt_tok, mask = self.encode_text(text, return_tokens=return_tokens)
-        return Encoded(
-            image_emb=img,
-            text_emb=txt,
-            logit_scale=self.logit_scale[...],
-            logit_bias=None if self.logit_bias is None else self.logit_bias[...],
-            image_tokens=img_tok,
-            text_tokens=txt_tok,
-            text_mask=mask if return_tokens else None,
-        )
+        return self.encode_all({"image": images, "text": text}, return_tokens=return_tokens)
