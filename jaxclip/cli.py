@@ -75,11 +75,38 @@ def cmd_eval(args, extra) -> int:
 
 
 def cmd_data_build(args, extra) -> int:
+    """Builds a dataset directory; prints per-split counts and skip reasons. Errors are one line
+    on stderr: exit 2 for a flag of another --source, 1 for a failed build."""
     if extra:
         raise SystemExit(f"jaxclip data build: unrecognised arguments {extra}")
-    from jaxclip.data import build
+    import shlex
 
-    return build.run(args)
+    from jaxclip.data import build, records
+    from jaxclip.data.sources import MODULES
+
+    for name, module in MODULES.items():
+        given = [d for d in module.ARG_DESTS if getattr(args, d, None) is not None]
+        if name != args.source and given:
+            flags = ", ".join("--" + d.replace("_", "-") for d in given)
+            print(f"error: {flags} belong(s) to --source {name}, not {args.source}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        source = MODULES[args.source].from_args(args)
+        manifest = build.build_dataset(
+            source, args.out, num_shards=args.num_shards, workers=args.workers,
+            max_image_size=args.max_image_size, jpeg_quality=args.jpeg_quality,
+            progress=not args.no_progress, command=shlex.join(sys.argv))
+    except (ValueError, KeyError, FileNotFoundError, ImportError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    for split, entry in manifest.splits.items():
+        print(f"{split}: {entry['num_records']} records in {len(entry['shards'])} shard(s)")
+    for reason, count in sorted(manifest.skipped.items()):
+        example = (manifest.info.get("skip_examples", {}).get(reason) or [""])[0]
+        print(f"skipped {count} ({reason}), e.g. {example}")
+    print(f"wrote {os.path.join(args.out, records.MANIFEST)}")
+    return 0
 
 
 def cmd_export(args, extra) -> int:
@@ -129,17 +156,42 @@ def _add_interop_parsers(sub) -> None:
     p.set_defaults(fn=cmd_convert)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxclip", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_data_build_parser(sub) -> None:
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command",
                                                                        required=True)
     p = data.add_parser("build", help="convert a dataset into jaxclip record shards (parallel, "
                                       "resumable; bad inputs are skipped and counted)")
-    from jaxclip.data import build
+    from jaxclip.data.sources import MODULES
+    from jaxclip.data.sources.common import DEFAULT_MAX_TEXT_BYTES
 
-    build.add_arguments(p)
+    p.add_argument("--source", required=True, choices=sorted(MODULES), help="input format")
+    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--input", nargs="+", action="extend",
+                   help="folder: the CSV/TSV/JSONL file; webdataset: tar paths, {000..999} brace "
+                        "patterns or globs")
+    p.add_argument("--split", help="output split name for folder/webdataset (default: train)")
+    p.add_argument("--num-shards", type=int,
+                   help="shards per split (default: ~10k records per shard, or one per tar)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="parallel worker processes (default: all CPUs)")
+    p.add_argument("--max-image-size", type=int,
+                   help="shrink and re-encode images whose longer side exceeds this")
+    p.add_argument("--jpeg-quality", type=int, default=90,
+                   help="JPEG quality for re-encoded images (default: 90)")
+    p.add_argument("--max-text-bytes", type=int, default=DEFAULT_MAX_TEXT_BYTES,
+                   help="skip (and count) samples whose caption or metadata text is larger than "
+                        "this, without reading it (webdataset members, folder captions; "
+                        f"default: {DEFAULT_MAX_TEXT_BYTES})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for module in MODULES.values():  # each source's own flags (--csv-img-key, ...)
+        module.add_arguments(p)
     p.set_defaults(fn=cmd_data_build)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxclip", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_data_build_parser(sub)
     p = sub.add_parser("train", help="train (or resume) an experiment in a workdir")
     p.add_argument("--config", required=True, help="config file, optionally path.py:arg")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics and config go here")

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxclip import checkpoint, config, optim, sharding, tree
-from jaxclip.data.pipeline import normalize_images
+from jaxclip.data.images import normalize_images
 from jaxclip.models import TwoTower, build_model
 
 

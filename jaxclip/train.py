@@ -44,7 +44,8 @@ from jaxclip import (
     sharding,
     tree,
 )
-from jaxclip.data import pipeline, prefetch, stream
+from jaxclip.data import prefetch, stream
+from jaxclip.data.images import normalize_images
 from jaxclip.metrics import Goodput, GoodputClock, LogWindow, MetricWriter, NonFiniteLossError
 from jaxclip.preemption import Preempted, PreemptionWatcher
 from jaxclip.tokenizer import from_config as tokenizer_from_config
@@ -141,7 +142,7 @@ def make_train_step(m: TrainSetup):
     microbatches = cfg.train.microbatches
 
     def step(state: TrainState, batch: dict):
-        images = pipeline.normalize_images(batch["image"], cfg.data.mean, cfg.data.std)
+        images = normalize_images(batch["image"], cfg.data.mean, cfg.data.std)
 
         def loss_fn(params):
             model = nnx.merge(m.graphdef, tree.merge(params, state.frozen))

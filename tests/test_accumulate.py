@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from jaxclip import accumulate, config, losses, sharding, train, tree
-from jaxclip.data import pipeline
+from jaxclip.data.images import normalize_images
 from jaxclip.models.two_tower import l2_normalize
 from tests.helpers import random_batch
 
@@ -43,7 +43,7 @@ def _reference_and_accumulated(cfg, m, k, objective=None, tokens=False):
     objective = objective or losses.objective_over_mesh(cfg.loss, m.mesh)
 
     def both(state, batch):
-        images = pipeline.normalize_images(batch["image"], cfg.data.mean, cfg.data.std)
+        images = normalize_images(batch["image"], cfg.data.mean, cfg.data.std)
 
         def loss_fn(params):  # as in train.make_train_step
             model = nnx.merge(m.graphdef, tree.merge(params, state.frozen))
@@ -111,7 +111,7 @@ def _image_tower_runs(cfg, m, k):
     objective = losses.objective_over_mesh(cfg.loss, m.mesh)
 
     def fn(state, batch):
-        images = pipeline.normalize_images(batch["image"], cfg.data.mean, cfg.data.std)
+        images = normalize_images(batch["image"], cfg.data.mean, cfg.data.std)
         return accumulate.loss_and_grads(m.graphdef, state.params, state.frozen, images,
                                          batch["text"], objective, k, mesh=m.mesh)
 
@@ -182,7 +182,7 @@ def test_activation_memory_falls_with_the_number_of_microbatches():
 
     def temp_mb(k):
         def fn(state, batch):
-            images = pipeline.normalize_images(batch["image"], cfg.data.mean, cfg.data.std)
+            images = normalize_images(batch["image"], cfg.data.mean, cfg.data.std)
             return accumulate.loss_and_grads(
                 m.graphdef, state.params, state.frozen, images, batch["text"], objective, k,
                 mesh=m.mesh, grad_shardings=m.state_shardings.params)

@@ -1,4 +1,5 @@
-"""Tests of `jaxclip.data.build`: image checks, deterministic sharding, resuming, locking, CLI.
+"""Tests of `jaxclip.data.build` (image checks, deterministic sharding, resuming, locking) and of
+`jaxclip data build`.
 
 Most tests use `ListSource`, a synthetic in-process source that logs which work units it read,
 so a test can tell exactly which shards a (re)build touched.
@@ -18,7 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxclip.data import build, records
+from jaxclip import cli
+from jaxclip.data import build, builtin, records
 from jaxclip.data.sources import Skip, checks
 from jaxclip.data.sources.folder import FolderSource
 
@@ -247,6 +249,18 @@ def test_finished_build_is_reused_and_other_settings_refused(tmp_path):
         )
 
 
+def test_a_new_builtin_dataset_is_a_source_plus_one_registry_entry(tmp_path, monkeypatch):
+    # The recipe docs/architecture.md gives: the entry makes the name a dataset anywhere a
+    # dataset directory is accepted, built into the cache on first use and reused after.
+    entry = builtin.Builtin(ListSource, num_shards={"train": 2, "val": 1}, parallel=False)
+    monkeypatch.setitem(builtin.BUILTINS, "toy_list", entry)
+    directory = builtin.dataset_dir("toy_list", str(tmp_path))
+    assert directory.startswith(os.path.join(str(tmp_path), "datasets", "toy_list-"))
+    assert records.read_manifest(directory).num_records("train") == 15
+    assert builtin.dataset_dir("toy_list", str(tmp_path)) == directory
+    assert {"shapes", "shapes_small", "fashion_mnist", "emoji"} <= set(builtin.names())
+
+
 def test_concurrent_ensure_builds_once(tmp_path):
     log = str(tmp_path / "log")
     results = []
@@ -315,11 +329,12 @@ def test_killed_worker_fails_the_build_instead_of_hanging(tmp_path):
 
 
 def data_build_parser() -> argparse.ArgumentParser:
-    """Mounted the way the project CLI does it: `jaxclip data build ...`."""
-    parser = argparse.ArgumentParser(prog="jaxclip")
-    data = parser.add_subparsers(dest="group").add_parser("data").add_subparsers(dest="command")
-    build.add_arguments(data.add_parser("build"))
-    return parser
+    """The project CLI's parser: `jaxclip data build ...`."""
+    return cli.build_parser()
+
+
+def run_data_build(args: argparse.Namespace) -> int:
+    return cli.cmd_data_build(args, [])
 
 
 def test_cli_builds_a_tsv_dataset(folder_dataset, tmp_path, capsys):
@@ -353,7 +368,7 @@ def test_cli_builds_a_tsv_dataset(folder_dataset, tmp_path, capsys):
             "--no-progress",
         ]
     )
-    assert build.run(args) == 0
+    assert run_data_build(args) == 0
     printed = capsys.readouterr().out
     assert "valid: 36 records in 2 shard(s)" in printed
     assert "skipped 4 (undecodable_image)" in printed
@@ -371,17 +386,17 @@ def test_cli_reports_bad_arguments(folder_dataset, tmp_path, capsys):
     parser = data_build_parser()
     common = ["data", "build", "--out", str(tmp_path / "out"), "--no-progress"]
     args = parser.parse_args([*common, "--source", "fashion_mnist", "--csv-img-key", "x"])
-    assert build.run(args) == 2
+    assert run_data_build(args) == 2
     assert "--csv-img-key belong(s) to --source folder" in capsys.readouterr().err
     args = parser.parse_args(
         [*common, "--source", "folder", "--input", str(folder_dataset / "caps.csv")]
     )
-    assert build.run(args) == 1
+    assert run_data_build(args) == 1
     assert "no column(s) ['filepath', 'title']" in capsys.readouterr().err
     args = parser.parse_args(
         [*common, "--source", "webdataset", "--input", str(tmp_path / "none-{0..3}.tar")]
     )
-    assert build.run(args) == 1
+    assert run_data_build(args) == 1
     assert "4 input file(s) do not exist" in capsys.readouterr().err
 
 
@@ -411,7 +426,7 @@ def test_cli_fails_when_a_split_ends_up_with_no_records(tmp_path, capsys):
         "--no-progress",
     ]
     for _ in range(2):  # the rerun (shards already finished) fails the same way
-        assert build.run(data_build_parser().parse_args(argv)) == 1
+        assert run_data_build(data_build_parser().parse_args(argv)) == 1
         captured = capsys.readouterr()
         err = captured.err.strip()
         assert "\n" not in err and "wrote" not in captured.out

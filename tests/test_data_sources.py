@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxclip.data import build, records
+from jaxclip import cli
+from jaxclip.data import build, builtin, records
 from jaxclip.data.sources import Skip, emoji, fashion_mnist, tfds, webdataset
 from jaxclip.data.sources.folder import FolderSource
 from jaxclip.data.sources.webdataset import WebDatasetSource, expand_braces
@@ -278,7 +279,6 @@ def test_webdataset_input_errors(tmp_path):
 
 
 def test_webdataset_oversized_text_members_are_skipped_unread(tmp_path):
-    import argparse
     import tracemalloc
 
     big = b"x" * 4_000_000
@@ -316,9 +316,8 @@ def test_webdataset_oversized_text_members_are_skipped_unread(tmp_path):
     manifest = build_quietly(source, tmp_path / "out")
     assert manifest.num_records("train") == 2 and manifest.skipped == {"oversized_text": 2}
     # The limit is `jaxclip data build --max-text-bytes`.
-    parser = argparse.ArgumentParser()
-    build.add_arguments(parser)
-    common = ["--source", "webdataset", "--out", "o", "--input", str(tmp_path / "s-0.tar")]
+    parser = cli.build_parser()
+    common = ["data", "build", "--source", "webdataset", "--out", "o", "--input", str(tmp_path / "s-0.tar")]
     assert webdataset.from_args(parser.parse_args(common)).max_text_bytes == 1_000_000
     args = parser.parse_args([*common, "--max-text-bytes", "10"])
     items = list(webdataset.from_args(args).read("train", source.work_units("train")))
@@ -483,7 +482,7 @@ def test_fashion_mnist_corrupt_files(fashion_dir, tmp_path):
 
 
 def test_fashion_mnist_round_trip(fashion_dir, tmp_path):
-    """Builds a 300/100 subset of the real files through `ensure_fashion_mnist`."""
+    """Builds a 300/100 subset of the real files as the built-in `fashion_mnist`."""
     subset = tmp_path / "subset"
     subset.mkdir()
     arrays = {}
@@ -493,7 +492,8 @@ def test_fashion_mnist_round_trip(fashion_dir, tmp_path):
         images_file, labels_file = fashion_mnist.FILES[split]
         write_idx(subset / images_file, images[:n], 2051)
         write_idx(subset / labels_file, labels[:n], 2049)
-    out = build.ensure_fashion_mnist(str(tmp_path / "cache"), data_dir=str(subset))
+    out = builtin.ensure_in("fashion_mnist", str(tmp_path / "cache"), workers=1,
+                            data_dir=str(subset))
     manifest = records.read_manifest(out)
     assert manifest.info["class_names"] == list(fashion_mnist.CLASS_NAMES)
     assert manifest.skipped == {}
@@ -504,7 +504,8 @@ def test_fashion_mnist_round_trip(fashion_dir, tmp_path):
         assert (decoded == images).all()
         assert [r["labels"]["class"] for r in got] == labels.tolist()
         assert got[7]["captions"] == fashion_mnist.prompts(int(labels[7]))
-    assert build.ensure_fashion_mnist(str(tmp_path / "cache"), data_dir=str(subset)) == out
+    again = builtin.ensure_in("fashion_mnist", str(tmp_path / "cache"), data_dir=str(subset))
+    assert again == out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,12 +534,12 @@ def emoji_dataset(emoji_files, tmp_path_factory):
     """All 3,655 emoji rendered at 64 px, built once per test session (~5-10 s on 2 cores).
 
     Under pytest-xdist the cache sits in the session's shared temp directory, so the workers
-    share one build: `ensure_emoji`'s lock makes the others wait for it instead of re-rendering.
+    share one build: `ensure_dataset`'s lock makes the others wait for it instead of re-rendering.
     """
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent
-    return build.ensure_emoji(str(base / "emoji_cache"), 64, workers=2)
+    return builtin.ensure_in("emoji", str(base / "emoji_cache"), workers=2)
 
 
 def test_emoji_parse_groups_and_families(emoji_files):
@@ -636,5 +637,5 @@ def test_emoji_dataset_round_trip(emoji_dataset):
 def test_emoji_ensure_is_idempotent(emoji_dataset):
     manifest = os.path.join(emoji_dataset, records.MANIFEST)
     before = os.stat(manifest).st_mtime_ns
-    again = build.ensure_emoji(os.path.dirname(emoji_dataset), 64)
+    again = builtin.ensure_in("emoji", os.path.dirname(emoji_dataset))
     assert again == emoji_dataset and os.stat(manifest).st_mtime_ns == before

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxclip.data import build, pipeline, records
+from jaxclip.data import build, builtin, images, pipeline, records
 from jaxclip.data.sources.shapes import ShapesSource
 
 
@@ -106,10 +106,10 @@ def test_mixture_from_the_config_and_its_errors(dataset):
     cfg = config.defaults()
     cfg.data.train.mixture = [dict(dataset=dataset, split="train", weight=3),
                               dict(dataset=dataset, split="val")]
-    assert stream.sources(cfg) == [(dataset, "train", 3.0), (dataset, "val", 1.0)]
+    assert stream.mixture(cfg) == [(dataset, "train", 3.0), (dataset, "val", 1.0)]
     cfg.data.train.mixture = [dict(dataset=dataset, wieght=2)]
     with pytest.raises(config.ConfigError, match="unknown keys \\['wieght'\\]"):
-        stream.sources(cfg)
+        stream.mixture(cfg)
 
 
 def test_worker_processes_give_the_same_batches(dataset):
@@ -166,7 +166,7 @@ def test_missing_dataset_pieces_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
         pipeline.record_source(str(tmp_path), "train")
     with pytest.raises(ValueError, match="neither a dataset directory nor a built-in"):
-        pipeline.dataset_dir("no_such_dataset", str(tmp_path))
+        builtin.dataset_dir("no_such_dataset", str(tmp_path))
 
 
 def test_large_jpegs_decode_at_reduced_scale_with_the_same_picture():
@@ -179,25 +179,25 @@ def test_large_jpegs_decode_at_reduced_scale_with_the_same_picture():
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="JPEG", quality=95)
     data = buf.getvalue()
-    assert pipeline.jpeg_dims(data) == (512, 384)
+    assert images.jpeg_dims(data) == (512, 384)
     exif = Image.Exif()
     exif[0x0112] = 1  # an orientation tag: an APP1 segment before the frame header
     for extra in (dict(progressive=True), dict(exif=exif, subsampling=0)):
         other = io.BytesIO()
         Image.fromarray(img[:300, :200]).save(other, format="JPEG", **extra)
-        assert pipeline.jpeg_dims(other.getvalue()) == (200, 300), extra
-    for box in (pipeline.center_box(512, 384), (40, 30, 400, 370)):
-        small, small_box = pipeline.decode_for_box(data, box, 64)
+        assert images.jpeg_dims(other.getvalue()) == (200, 300), extra
+    for box in (images.center_box(512, 384), (40, 30, 400, 370)):
+        small, small_box = images.decode_for_box(data, box, 64)
         assert small.shape == (96, 128, 3)  # decoded at 1/4
-        reduced = pipeline.crop_resize(small, small_box, 64)
-        full = pipeline.crop_resize(pipeline.decode_array(data), box, 64)
+        reduced = images.crop_resize(small, small_box, 64)
+        full = images.crop_resize(images.decode_array(data), box, 64)
         assert np.abs(reduced.astype(int) - full).mean() < 3, box
     # A box too small to shrink 2x, or a PNG, decodes at full size.
-    assert pipeline.decode_for_box(data, (0, 0, 100, 100), 64)[0].shape == (384, 512, 3)
+    assert images.decode_for_box(data, (0, 0, 100, 100), 64)[0].shape == (384, 512, 3)
     png = io.BytesIO()
     Image.fromarray(img).save(png, format="PNG")
-    assert pipeline.jpeg_dims(png.getvalue()) is None
-    assert pipeline.decode_for_box(png.getvalue(), (0, 0, 384, 384), 64)[0].shape[:2] == (384, 512)
+    assert images.jpeg_dims(png.getvalue()) is None
+    assert images.decode_for_box(png.getvalue(), (0, 0, 384, 384), 64)[0].shape[:2] == (384, 512)
 
 
 def test_training_crops_agree_with_the_evaluation_resize():
@@ -209,20 +209,20 @@ def test_training_crops_agree_with_the_evaluation_resize():
     img = np.stack([x * 2, y * 2.5, 255 - x - y], -1).clip(0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
-    arr = pipeline.decode_array(buf.getvalue())
+    arr = images.decode_array(buf.getvalue())
     np.testing.assert_array_equal(arr, img)  # lossless, RGB order
-    train = pipeline.crop_resize(arr, pipeline.center_box(120, 90), 64)
-    evaluation = np.asarray(pipeline.resize_center(Image.fromarray(img), 64))
+    train = images.crop_resize(arr, images.center_box(120, 90), 64)
+    evaluation = np.asarray(images.resize_center(Image.fromarray(img), 64))
     assert train.shape == evaluation.shape == (64, 64, 3)
     assert np.abs(train.astype(int) - evaluation).mean() < 3
     # Shrinking more than 2x averages (no aliasing): a 1-pixel checkerboard becomes flat grey.
     board = (np.indices((128, 128)).sum(0) % 2 * 255).astype(np.uint8)[..., None].repeat(3, -1)
-    small = pipeline.crop_resize(board, (0, 0, 128, 128), 32)
+    small = images.crop_resize(board, (0, 0, 128, 128), 32)
     assert np.abs(small.astype(int) - 127).max() <= 1
-    box = pipeline.random_resized_box(60, 40, np.random.default_rng(0), scale=(0.3, 1.0))
+    box = images.random_resized_box(60, 40, np.random.default_rng(0), scale=(0.3, 1.0))
     x0, y0, x1, y1 = box
     assert 0 <= x0 < x1 <= 60 and 0 <= y0 < y1 <= 40 and (x1 - x0) * (y1 - y0) >= 0.3 * 2400 - 60
-    assert pipeline.crop_resize(arr, box, 16).shape == (16, 16, 3)
+    assert images.crop_resize(arr, box, 16).shape == (16, 16, 3)
 
 
 # ---------------------------------------------------------------------------------------------

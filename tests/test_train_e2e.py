@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxclip import cli, config, train
-from jaxclip.data import pipeline
+from jaxclip.data import builtin
 from jaxclip.metrics import read_metrics
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
@@ -80,7 +80,7 @@ def test_resume_follows_the_data_to_a_new_path_but_refuses_other_data(tmp_path, 
 
     workdir = str(tmp_path / "run")
     train.train(_cfg(), workdir, stop_at=3)
-    built = pipeline.dataset_dir("shapes_small")
+    built = builtin.dataset_dir("shapes_small")
     moved = tmp_path / "moved_cache"  # the same dataset, mounted elsewhere after a restart
     shutil.copytree(built, moved / "datasets" / os.path.basename(built))
     monkeypatch.setenv("JAXCLIP_CACHE", str(moved))

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
 
     from jaxclip import cli, config, flops, sharding, train
-    from jaxclip.data import pipeline
+    from jaxclip.data.images import normalize_images
 
     try:
         overrides = [*cli._split_overrides(extra), f"train.batch_size={args.batch}"]
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_jax = sum(x.size for x in jax.tree.leaves(state.params))
 
     # open_clip: NCHW float images normalised as jaxclip's step does, int64 tokens.
-    pixels = np.asarray(pipeline.normalize_images(images_u8, cfg.data.mean, cfg.data.std))
+    pixels = np.asarray(normalize_images(images_u8, cfg.data.mean, cfg.data.std))
     timages = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
     tstep, n_torch = _torch_step(torch, open_clip, cfg, timages, torch.from_numpy(tokens).long())
 

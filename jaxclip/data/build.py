@@ -1,4 +1,5 @@
-"""`jaxclip data build`: converts any source into ArrayRecord shards plus a manifest.
+"""The shard-writing engine behind `jaxclip data build`: any source -> ArrayRecord shards plus a
+manifest.
 
     OUT/
       manifest.json                      written last: its presence means the build finished
@@ -24,14 +25,13 @@ How it works:
 - Never empty: a split left with no records is an error (`EmptySplitError`). The manifest is not
   written, so the directory cannot be trained on; the shards stay for inspection.
 
-The CLI mounts `add_arguments` / `run`; configs call `build_dataset`, or `ensure_fashion_mnist` /
-`ensure_emoji` to build a cache directory on first use (idempotent, safe against concurrent and
-interrupted builds).
+`jaxclip data build` (`jaxclip.cli`) calls `build_dataset`; the built-in datasets
+(`jaxclip.data.builtin`) call `ensure_dataset` to build a cache directory on first use
+(idempotent, safe against concurrent and interrupted builds).
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import dataclasses
@@ -41,18 +41,14 @@ import json
 import multiprocessing
 import os
 import queue as queue_lib
-import shlex
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from jaxclip.data import records
-from jaxclip.data.sources import MODULES, Skip, Source
+from jaxclip.data.sources import Skip, Source
 from jaxclip.data.sources.checks import ImageOptions, finish_record
-from jaxclip.data.sources.common import DEFAULT_MAX_TEXT_BYTES
-from jaxclip.data.sources.emoji import EmojiSource
-from jaxclip.data.sources.fashion_mnist import FashionMnistSource
 
 BUILDER_VERSION = 1
 STATE_DIR = "_build"
@@ -441,121 +437,3 @@ def ensure_dataset(
             progress=progress,
         )
     return out_dir
-
-
-def ensure_fashion_mnist(
-    cache_dir: str, *, workers: int = 1, progress: bool = False, data_dir: str | None = None
-) -> str:
-    """The Fashion-MNIST dataset directory (train 60k / test 10k), built on first use."""
-    source = FashionMnistSource() if data_dir is None else FashionMnistSource(data_dir=data_dir)
-    shards = {"train": 12, "test": 2}
-    return ensure_dataset(
-        source, cache_dir, "fashion_mnist", num_shards=shards, workers=workers, progress=progress
-    )
-
-
-def ensure_emoji(
-    cache_dir: str, image_size: int = 64, *, workers: int = 1, progress: bool = False
-) -> str:
-    """The emoji dataset directory (train 2,886 / eval 769 by base emoji), built on first use."""
-    source = EmojiSource(image_size=image_size)
-    shards = {"train": 4, "eval": 2}
-    name = f"emoji{image_size}"
-    return ensure_dataset(
-        source, cache_dir, name, num_shards=shards, workers=workers, progress=progress
-    )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `jaxclip data build`."""
-    parser.add_argument("--source", required=True, choices=sorted(MODULES), help="input format")
-    parser.add_argument("--out", required=True, help="output dataset directory")
-    parser.add_argument(
-        "--input",
-        nargs="+",
-        action="extend",
-        help="folder: the CSV/TSV/JSONL file; webdataset: tar paths, "
-        "{000..999} brace patterns or globs",
-    )
-    parser.add_argument("--split", help="output split name for folder/webdataset (default: train)")
-    parser.add_argument(
-        "--num-shards",
-        type=int,
-        help="shards per split (default: ~10k records per shard, or one per tar)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="parallel worker processes (default: all CPUs)",
-    )
-    parser.add_argument(
-        "--max-image-size",
-        type=int,
-        help="shrink and re-encode images whose longer side exceeds this",
-    )
-    parser.add_argument(
-        "--jpeg-quality",
-        type=int,
-        default=90,
-        help="JPEG quality for re-encoded images (default: 90)",
-    )
-    parser.add_argument(
-        "--max-text-bytes",
-        type=int,
-        default=DEFAULT_MAX_TEXT_BYTES,
-        help="skip (and count) samples whose caption or metadata text is larger than this, "
-        "without reading it (webdataset members, folder captions; default: "
-        f"{DEFAULT_MAX_TEXT_BYTES})",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for module in MODULES.values():
-        module.add_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Runs `jaxclip data build`; returns the process exit status."""
-    for name, module in MODULES.items():
-        given = [d for d in module.ARG_DESTS if getattr(args, d, None) is not None]
-        if name != args.source and given:
-            flags = ", ".join("--" + d.replace("_", "-") for d in given)
-            print(
-                f"error: {flags} belong(s) to --source {name}, not {args.source}", file=sys.stderr
-            )
-            return 2
-    try:
-        source = MODULES[args.source].from_args(args)
-        manifest = build_dataset(
-            source,
-            args.out,
-            num_shards=args.num_shards,
-            workers=args.workers,
-            max_image_size=args.max_image_size,
-            jpeg_quality=args.jpeg_quality,
-            progress=not args.no_progress,
-            command=shlex.join(sys.argv),
-        )
-    except (ValueError, KeyError, FileNotFoundError, ImportError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for split, entry in manifest.splits.items():
-        print(f"{split}: {entry['num_records']} records in {len(entry['shards'])} shard(s)")
-    for reason, count in sorted(manifest.skipped.items()):
-        example = (manifest.info.get("skip_examples", {}).get(reason) or [""])[0]
-        print(f"skipped {count} ({reason}), e.g. {example}")
-    print(f"wrote {os.path.join(args.out, records.MANIFEST)}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxclip.data.build",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,9 +12,10 @@ batches are formed before grain's (thread or process) prefetch, which only paral
 batches and keeps their order. The per-element random augmentation is seeded by (seed, global
 index), so it too is independent of the host layout.
 
-Per element (unavoidably Python): msgpack decode, image decode and crop/resize (OpenCV). Per batch
-(vectorised): caption tokenisation (`encode_batch`) and stacking. Images leave the host as uint8;
-normalisation to float happens on device (`normalize_images`), a quarter of the transfer.
+Per element (unavoidably Python): msgpack decode, image decode and crop/resize (OpenCV, see
+`jaxclip.data.images`). Per batch (vectorised): caption tokenisation (`encode_batch`) and
+stacking. Images leave the host as uint8; normalisation to float happens on device
+(`images.normalize_images`), a quarter of the transfer.
 
 A record that cannot be read (a corrupt shard chunk, see `records.ShardSource`) or decoded is
 skipped: its slot is filled by a later element of the stream (deterministically), and the batch's
@@ -24,152 +25,26 @@ skipped: its slot is filled by a later element of the stream (deterministically)
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import cv2
 import grain
-import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from jaxclip.data import records
+from jaxclip.data.images import (
+    center_box,
+    crop_resize,
+    decode_array,
+    decode_for_box,
+    jpeg_dims,
+    random_resized_box,
+)
 
 # Bound on how far a batch may look ahead to replace undecodable records before giving up.
 _MAX_REPLACEMENTS = 64
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Evaluation-time decode (Pillow), paired with `resize_center`."""
-    img = Image.open(io.BytesIO(data))
-    img.draft("RGB", (img.width, img.height))  # lets JPEG decode straight to RGB
-    return img.convert("RGB")
-
-
-def resize_center(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to `size` (bicubic), then centre-crop to size x size.
-
-    Evaluation and `embed_images` use this: Pillow's antialiased bicubic is the preprocessing
-    the reference CLIP models (open_clip, HF `CLIPImageProcessor`) were trained and scored with.
-    """
-    w, h = img.size
-    if (w, h) == (size, size):
-        return img
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-# Training decodes and resizes with OpenCV: libjpeg-turbo plus SIMD resampling make decode + crop
-# + resize about 2.5x faster per core than Pillow's, which is what keeps the loader near the raw
-# decode rate (docs/benchmarks.md). Parallelism comes from loader processes, not OpenCV threads.
-cv2.setNumThreads(1)
-_BGR = not hasattr(cv2, "IMREAD_COLOR_RGB")  # OpenCV < 4.10 decodes colour only as BGR
-_IMREAD = (cv2.IMREAD_COLOR if _BGR else cv2.IMREAD_COLOR_RGB) | cv2.IMREAD_IGNORE_ORIENTATION
-
-
-def decode_array(data: bytes) -> np.ndarray:
-    """Encoded image -> (H, W, 3) uint8 RGB. OpenCV first; Pillow for formats it lacks (GIF)."""
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD)
-    if arr is None:
-        return np.asarray(decode_image(data), np.uint8)
-    return np.ascontiguousarray(arr[..., ::-1]) if _BGR else arr
-
-
-_REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
-            (2, cv2.IMREAD_REDUCED_COLOR_2))
-
-
-def jpeg_dims(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's start-of-frame segment, or None for anything else.
-
-    A few microseconds of header walking (Pillow's lazy open costs about ten times more, which
-    showed as 8% of the loader's time on 256 px images).
-    """
-    if data[:2] != b"\xff\xd8":
-        return None
-    i, n = 2, len(data)
-    while i + 9 <= n and data[i] == 0xFF:
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            i += 2
-        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn
-            h, w = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9],
-                                                                           "big")
-            return (w, h) if w and h else None
-        else:
-            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return None
-
-
-def decode_for_box(data: bytes, box: tuple[int, int, int, int], size: int
-                   ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Decodes just enough of the image to cut `box` out at `size` pixels.
-
-    A JPEG whose box is at least 2x the output is decoded at 1/2, 1/4 or 1/8 scale inside
-    libjpeg (the DCT does the downscaling, antialiased, at a fraction of the cost: 1/2 halves
-    the decode time of an 800 x 600 photo). Returns the pixels and the box in their coordinates.
-    """
-    side = min(box[2] - box[0], box[3] - box[1])
-    if data[:2] == b"\xff\xd8":  # JPEG
-        for factor, flag in _REDUCED:
-            if side >= factor * size:
-                arr = cv2.imdecode(np.frombuffer(data, np.uint8),
-                                   flag | cv2.IMREAD_IGNORE_ORIENTATION)
-                if arr is None:
-                    break
-                h, w = arr.shape[:2]
-                x0, y0 = min(box[0] // factor, w - 1), min(box[1] // factor, h - 1)
-                x1, y1 = -(-box[2] // factor), -(-box[3] // factor)  # ceil
-                return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB), (x0, y0, min(x1, w), min(y1, h))
-    return decode_array(data), box
-
-
-def crop_resize(arr: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
-    """Crop `box` (x0, y0, x1, y1) and resize it to size x size.
-
-    Bicubic without antialiasing down to half size (as TF's resize in big_vision's inception
-    crop); area averaging beyond that, where skipping antialiasing would alias visibly.
-    """
-    x0, y0, x1, y1 = box
-    crop = arr[y0:y1, x0:x1]
-    if crop.shape[:2] == (size, size):
-        return np.ascontiguousarray(crop)
-    shrink = min(crop.shape[0], crop.shape[1]) / size
-    interp = cv2.INTER_AREA if shrink >= 2 else cv2.INTER_CUBIC
-    return cv2.resize(crop, (size, size), interpolation=interp)
-
-
-def center_box(w: int, h: int) -> tuple[int, int, int, int]:
-    """The largest centred square: resize-shorter-side-then-centre-crop as one crop + resize."""
-    side = min(w, h)
-    x0, y0 = (w - side) // 2, (h - side) // 2
-    return x0, y0, x0 + side, y0 + side
-
-
-def random_resized_box(w: int, h: int, rng: np.random.Generator, scale=(0.9, 1.0),
-                       ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """Inception-style crop box: random area fraction and aspect ratio; the first of ten draws
-    that fits (all ten drawn at once: a Python loop of scalar draws cost 7% of the loader), else
-    the centre square."""
-    target = w * h * rng.uniform(scale[0], scale[1], 10)
-    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), 10))
-    cw = np.round(np.sqrt(target * aspect)).astype(int)
-    ch = np.round(np.sqrt(target / aspect)).astype(int)
-    fits = np.flatnonzero((cw > 0) & (cw <= w) & (ch > 0) & (ch <= h))
-    if not fits.size:
-        return center_box(w, h)
-    cw, ch = int(cw[fits[0]]), int(ch[fits[0]])
-    x0, y0 = rng.integers(0, (w - cw + 1, h - ch + 1))
-    return int(x0), int(y0), int(x0) + cw, int(y0) + ch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,10 +143,11 @@ def record_source(directory: str, split: str) -> grain.MapDataset:
     return grain.MapDataset.source(source)
 
 
-def record_stream(sources: Sequence[tuple[str, str, float]], seed: int) -> grain.MapDataset:
-    """An infinite stream of raw records, reshuffled every epoch, mixing datasets by weight."""
+def record_stream(mixture: Sequence[tuple[str, str, float]], seed: int) -> grain.MapDataset:
+    """An infinite stream of raw records, reshuffled every epoch, mixing the (dataset directory,
+    split, weight) entries of `mixture` by weight."""
     streams, weights = [], []
-    for k, (directory, split, weight) in enumerate(sources):
+    for k, (directory, split, weight) in enumerate(mixture):
         ds = record_source(directory, split).seed(seed + 7919 * k).shuffle().repeat(None)
         streams.append(ds)
         weights.append(weight)
@@ -288,12 +164,12 @@ def _mark_absl_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def train_batches(sources: Sequence[tuple[str, str, float]], *, transform: ElementTransform,
+def train_batches(mixture: Sequence[tuple[str, str, float]], *, transform: ElementTransform,
                   tokenizer, context_length: int, global_batch: int, start_step: int,
                   host_index: int, host_count: int, seed: int, workers: int = 0,
                   prefetch: int = 2) -> Iterator[dict[str, Any]]:
     """Host batches for steps start_step, start_step + 1, ... (see the module docstring)."""
-    stream = record_stream(sources, seed)
+    stream = record_stream(mixture, seed)
     batches = StepBatches(stream, transform, tokenizer, global_batch, host_index, host_count,
                           context_length)[start_step:]
     threads = max(1, min(prefetch, 4)) if workers == 0 else 1
@@ -304,22 +180,3 @@ def train_batches(sources: Sequence[tuple[str, str, float]], *, transform: Eleme
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                                per_worker_buffer_size=prefetch))
     return iter(it_ds)
-
-
-def normalize_images(images: jnp.ndarray, mean, std) -> jnp.ndarray:
-    """uint8 (B, H, W, 3) -> float32 normalised pixels, on device."""
-    mean = jnp.asarray(mean, jnp.float32) * 255.0
-    std = jnp.asarray(std, jnp.float32) * 255.0
-    return (images.astype(jnp.float32) - mean) / std
-
-
-def dataset_dir(name_or_path: str, cache_dir: str = "") -> str:
-    """A dataset directory: an existing path, or a built-in dataset built into the cache."""
-    if not name_or_path:
-        raise ValueError("config data.train.dataset is empty: set a dataset directory or a "
-                         "built-in name (shapes, fashion_mnist, emoji)")
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    from jaxclip.data import builtin
-
-    return builtin.ensure(name_or_path, cache_dir)

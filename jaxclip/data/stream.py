@@ -1,4 +1,4 @@
-"""The training stream of an experiment: its sources, its batches, and what resuming it needs.
+"""The training stream of an experiment: its mixture, its batches, and what resuming it needs.
 
 `train_stream(cfg, start_step, tokenizer)` builds the step-indexed pipeline
 (`jaxclip.data.pipeline`) from the config's `data` section for this host. Because batch s is a
@@ -8,7 +8,8 @@ restart may mount them elsewhere). `stream_state` is what a checkpoint records;
 `check_stream_state` refuses a resume that would silently change the data order; both take the
 `invariants(cfg)` a run resolves once. The number of
 hosts and of loader workers may change between runs: neither affects the batches.
-`check_sources` is the trainer's early check that every source can give batches at all.
+`mixture(cfg)` is the list of (dataset directory, split, weight) the stream draws from;
+`check_sources` is the trainer's early check that every entry can give batches at all.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import json
 import jax
 
 from jaxclip import config
-from jaxclip.data import pipeline, records
+from jaxclip.data import builtin, pipeline, records
 
 
-def sources(cfg) -> list[tuple[str, str, float]]:
+def mixture(cfg) -> list[tuple[str, str, float]]:
     """(dataset directory, split, weight) of every training source, building built-ins."""
     d = cfg.data
     entries = list(d.train.mixture) or [dict(dataset=d.train.dataset, split=d.train.split,
@@ -32,7 +33,7 @@ def sources(cfg) -> list[tuple[str, str, float]]:
         unknown = set(e) - {"dataset", "split", "weight"}
         if unknown:
             raise config.ConfigError(f"data.train.mixture entry has unknown keys {sorted(unknown)}")
-        out.append((pipeline.dataset_dir(e["dataset"], d.cache_dir), e.get("split", "train"),
+        out.append((builtin.dataset_dir(e["dataset"], d.cache_dir), e.get("split", "train"),
                     float(e.get("weight", 1.0))))
     return out
 
@@ -47,7 +48,7 @@ def check_sources(cfg) -> list[tuple[str, str, float]]:
     inside the input pipeline.
     """
     try:
-        srcs = sources(cfg)
+        srcs = mixture(cfg)
     except config.ConfigError:
         raise
     except ValueError as e:  # an empty, unknown or unbuildable dataset name
@@ -83,7 +84,7 @@ def train_stream(cfg, start_step: int, tokenizer):
         image_size=image_size(cfg), augment=aug.kind, scale=tuple(aug.scale),
         ratio=tuple(aug.ratio), caption=cfg.data.caption, seed=seed(cfg))
     return pipeline.train_batches(
-        sources(cfg), transform=transform, tokenizer=tokenizer,
+        mixture(cfg), transform=transform, tokenizer=tokenizer,
         context_length=cfg.model.text.context_length, global_batch=cfg.train.batch_size,
         start_step=start_step, host_index=jax.process_index(), host_count=jax.process_count(),
         seed=seed(cfg), workers=cfg.data.workers, prefetch=cfg.data.prefetch)
@@ -105,7 +106,7 @@ def invariants(cfg) -> dict:
     `sources` (the directories) is informational: a restart may mount the same datasets
     elsewhere (another pod, another cache path). `source_ids` is what must not change.
     """
-    srcs = sources(cfg)
+    srcs = mixture(cfg)
     return {"global_batch": int(cfg.train.batch_size), "seed": seed(cfg),
             "sources": [list(s) for s in srcs],
             "source_ids": [source_identity(*s) for s in srcs]}

@@ -48,7 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxclip.data import pipeline, records, stream
+from jaxclip.data import builtin, records, stream
+from jaxclip.data.images import decode_image, resize_center
 from jaxclip.evals import geometry, hubness, prompts, zeroshot
 from jaxclip.evals.registry import register
 from jaxclip.evals.retrieval import DEFAULT_QUERY_CHUNK, retrieval_metrics
@@ -109,7 +110,7 @@ def _records(paths: list[str], limit: int) -> Iterator[dict[str, Any]]:
 
 
 def _decode(data: bytes, size: int) -> np.ndarray:
-    return np.asarray(pipeline.resize_center(pipeline.decode_image(data), size), np.uint8)
+    return np.asarray(resize_center(decode_image(data), size), np.uint8)
 
 
 def _decode_all(pool: ThreadPoolExecutor, blobs: list[bytes], size: int) -> np.ndarray:
@@ -120,7 +121,7 @@ def _decode_all(pool: ThreadPoolExecutor, blobs: list[bytes], size: int) -> np.n
 def load_eval_set(ctx, dataset: str, split: str, max_examples: int = 0) -> EvalSet:
     """Reads a split once per run (cached on the context); see the module docstring."""
     cfg = ctx.cfg
-    directory = pipeline.dataset_dir(dataset, cfg.data.cache_dir)
+    directory = builtin.dataset_dir(dataset, cfg.data.cache_dir)
     key = (directory, split, int(max_examples))
     if key in ctx.cache:
         return ctx.cache[key]

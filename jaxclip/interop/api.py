@@ -98,7 +98,7 @@ class Encoder:
         or a list of PIL images / uint8 arrays (any sizes; grayscale and RGBA become RGB)."""
         from PIL import Image
 
-        from jaxclip.data.pipeline import normalize_images, resize_center
+        from jaxclip.data.images import normalize_images, resize_center
 
         if isinstance(images, np.ndarray) and images.ndim == 4:
             images = list(images)
