@@ -1,4 +1,4 @@
-"""Shared pieces of the interop tests: the tiny CLIP config of interop.md §2.3 and random weights.
+"""Shared pieces of the interop tests: the tiny CLIP config and random weights.
 
 Random parameters are drawn in numpy straight from the model's abstract shapes (no jit), and
 every LayerNorm scale and bias and every linear bias is perturbed away from 1 / 0, so a mapping
@@ -18,7 +18,7 @@ LOGIT_SCALE = 2.6592  # HF's logit_scale_init_value: exp = 14.28; parity errors 
 
 
 def tiny_clip_config(act="gelu", **model):
-    """interop.md §2.3: both towers width 64, 2 layers, 4 heads, MLP 256; image 32, patch 8;
+    """The tiny parity model: both towers width 64, 2 layers, 4 heads, MLP 256; image 32, patch 8;
     text context 32, CLIP vocabulary; projection 32."""
     cfg = config.defaults()
     cfg.model.update(embed_dim=32, logit_scale_init=LOGIT_SCALE)

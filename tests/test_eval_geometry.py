@@ -1,4 +1,5 @@
-"""Geometry diagnostics: the §8/§11 hand values and float64 numpy references.
+"""Geometry diagnostics: hand-computed values (antipodal pairs, identical pairs, collapsed
+embeddings, rank variance of known rankings) and float64 numpy references.
 
 Tolerances: gap and alignment are float32 means of O(1) terms (rtol 1e-5). Uniformity uses the
 dot-product identity ||a - b||^2 = |a|^2 + |b|^2 - 2 a.b in float32, whose cancellation error is

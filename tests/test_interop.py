@@ -93,7 +93,7 @@ def test_jaxclip_to_hf_to_jaxclip_is_bit_identical(model, hf_dir):
     assert hf["text_config"]["eos_token_id"] == 49407 and hf["projection_dim"] == 32
     assert tensorfile.read_header(os.path.join(hf_dir, "model.safetensors"))[1] == \
         {"format": "pt"}
-    assert len(tensorfile.read(os.path.join(hf_dir, "model.safetensors"))) == 78  # §2.3
+    assert len(tensorfile.read(os.path.join(hf_dir, "model.safetensors"))) == 78  # tensors of the tiny config
 
 
 def test_jaxclip_to_open_clip_to_jaxclip_is_bit_identical_with_bias_and_eos_pooling(tmp_path):

@@ -2,7 +2,7 @@
 
 Needs the parity environment (CI's Python 3.11 leg: CPU torch, transformers, open_clip with the
 torchvision shim of tests/torch_shim.py); elsewhere the module skips, saying what is missing.
-All models are the tiny config of interop.md §2.3 in float32 on CPU, logit scale 2.6592
+All models are the tiny config of tests/interop_util.py in float32 on CPU, logit scale 2.6592
 (exp = 14.28); every parameter is random (LayerNorms and biases included, not 1/0).
 Gate: max |Δ| <= 1e-5 on embeddings and logits. The measured values are printed (pytest -s) and
 recorded in docs/interop.md.
@@ -85,7 +85,7 @@ def test_hf_clipmodel_imports_with_parity(tmp_path, inputs, act):
         projection_dim=32)
     torch.manual_seed(0)  # PyTorch's own initialisation, before the perturbation
     model = _perturb(transformers.CLIPModel(hf_cfg), seed=1)
-    assert sum(p.numel() for p in model.parameters()) == 3_382_017  # interop.md §2.3
+    assert sum(p.numel() for p in model.parameters()) == 3_382_017  # the tiny config's parameter count
     model.save_pretrained(tmp_path)
     loaded = jaxclip.load(str(tmp_path))
     assert loaded.config.model.image.act == act and loaded.config.model.text.act == act

@@ -2,7 +2,7 @@
 
 Tolerances: float32 throughout. Sharded and dense differ only in summation order, so losses agree
 to a few ulps of their magnitude (rtol 1e-6) and gradients to atol 1e-6 (their entries are
-O(1e-2); shared/specs/losses.md asks for 1e-6 for sharded forms and 1e-5 for tiled ones).
+O(1e-2); tiled forms, which also reorder the log-sum-exp, get 1e-5).
 """
 
 import functools

@@ -1,7 +1,7 @@
 """Tests for jaxclip.tokenizer that need neither torch nor open_clip.
 
-CLIP ids are checked against known answers (interop.md §10 and outputs recorded from
-open_clip 3.3.0); tests/test_tokenizer_parity.py compares with open_clip itself where it is
+CLIP ids are checked against known answers (outputs recorded from open_clip 3.3.0's
+SimpleTokenizer); tests/test_tokenizer_parity.py compares with open_clip itself where it is
 installed. SentencePiece and HF tokenizer.json files are built here, offline.
 """
 

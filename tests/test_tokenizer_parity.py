@@ -4,7 +4,7 @@ Needs the parity environment (CI's Python 3.11 leg): CPU torch, open-clip-torch 
 installed with --no-deps, regex and ftfy. Elsewhere the module skips, saying so.
 
 open_clip's package ``__init__`` imports torchvision (for image transforms), which does not
-import next to a CPU-only torch (offline_data.md §6). Its ``tokenizer.py`` needs only torch,
+import next to a CPU-only torch (see tests/torch_shim.py). Its ``tokenizer.py`` needs only torch,
 ftfy and regex, so it is loaded straight from its file: no torchvision, and no shim.
 """
 
@@ -69,7 +69,7 @@ def assert_parity(texts, context_length, tok=None):
 
 
 HANDPICKED = [
-    # interop.md known answers and plain prompts
+    # prompts with known open_clip ids, and plain prompts
     "a photo of a sneaker",
     "a diagram",
     "A photo of a T-shirt/top.",

@@ -2,8 +2,8 @@
 
 PyPI's torchvision wheels are CUDA builds; next to the CPU torch of the parity environment their
 `import torchvision` fails with "operator torchvision::nms does not exist", and both open_clip
-(image transforms) and transformers (whenever torchvision is installed) import it. The fix
-(offline_data.md §6.3): on that error, drop the half-imported torchvision modules, define the two
+(image transforms) and transformers (whenever torchvision is installed) import it. The fix: on
+that error, drop the half-imported torchvision modules, define the two
 operator schemas torchvision registers fake kernels for, keep that Library alive, and import
 again. The pure-Python parts (transforms) then work; torchvision.ops stays unusable, which the
 parity tests never call.

@@ -11,7 +11,8 @@ ring        the text blocks travel around the mesh with `ppermute` and each step
             memory O(b·d + b·tile) per device, flat in the device count.
 dense       `axis=None`: the whole batch in one matrix; the reference the others are tested against.
 
-Formulas and test values: shared/specs/losses.md §1-§5.
+Formulas: CLIP (Radford et al. 2021), ALIGN (Jia et al. 2021), SigLIP (Zhai et al. 2023); the
+ring follows Inf-CL (Cheng et al. 2024).
 """
 
 from __future__ import annotations
