@@ -321,6 +321,16 @@ def _load_module(path: str):
     return module
 
 
+def _locked(cfg: ConfigDict) -> ConfigDict:
+    """The resolved config, locked (ml_collections): a key that does not exist can no longer be
+    created by assignment (`cfg.train.stepz = 5` raises, naming the closest key), so code that
+    adjusts a config after loading cannot silently write to a typo. Open sections stay open."""
+    cfg.lock()
+    for path in OPEN_SECTIONS:
+        get_path(cfg, path).unlock()
+    return cfg
+
+
 def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ConfigDict:
     """Loads `path[:arg]`, merges it onto the defaults and applies `a.b.c=value` overrides.
 
@@ -349,7 +359,7 @@ def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ConfigDict:
     for item in overrides:
         apply_override(cfg, item)
     validate(cfg)
-    return cfg
+    return _locked(cfg)
 
 
 def load_or_size(spec: str | None, model_name: str, overrides=()) -> ConfigDict:
@@ -363,7 +373,7 @@ def load_or_size(spec: str | None, model_name: str, overrides=()) -> ConfigDict:
     for item in overrides:
         apply_override(cfg, item)
     validate(cfg)
-    return cfg
+    return _locked(cfg)
 
 
 def from_dict(values: dict) -> ConfigDict:
@@ -371,7 +381,7 @@ def from_dict(values: dict) -> ConfigDict:
     cfg = defaults()
     _merge(cfg, upgrade(values))
     validate(cfg)
-    return cfg
+    return _locked(cfg)
 
 
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}

@@ -96,3 +96,22 @@ def test_round_trip_through_json(cfg_file):
     cfg = config.load(cfg_file, ["train.steps=7"])
     again = config.from_dict(json.loads(config.to_json(cfg)))
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_a_loaded_config_is_locked_except_its_open_sections(cfg_file):
+    cfg = config.load(str(cfg_file))
+    cfg.train.steps = 7  # existing keys stay writable
+    with pytest.raises(AttributeError, match="stepz"):
+        cfg.train.stepz = 7  # a typo cannot create a key that nothing reads
+    cfg.evals.extra = dict(type="retrieval")  # user-chosen keys
+    cfg.optim.lr_mults["^text/"] = 0.1
+    assert config.from_dict(cfg.to_dict()).train.steps == 7
+
+
+def test_old_flat_loss_keys_keep_their_meaning(cfg_file):
+    cfg = config.load(str(cfg_file), ["loss.label_smoothing=0.1", "loss.direction_reduce=sum"])
+    assert cfg.loss.clip.label_smoothing == 0.1 and cfg.loss.clip.direction_reduce == "sum"
+    stored = config.from_dict({"loss": {"label_smoothing": 0.2}})  # an old config.json
+    assert stored.loss.clip.label_smoothing == 0.2
+    with pytest.raises(config.ConfigError, match="loss.clip.direction_reduce"):
+        config.load(str(cfg_file), ["loss.clip.direction_reduce=max"])
