@@ -1,6 +1,6 @@
 """Demo: a tiny CLIP learns to match procedurally drawn shapes with their captions, on a CPU.
 
-Trains: ViT-Ti-8-64 at patch 16 (image 64 px, 16 patches, width 128, 4 layers; text width 128,
+Trains: ViT-Ti-16-64 (image 64 px, 16 patches, width 128, 4 layers; text width 128,
 4 layers, context 16, CLIP BPE tokenizer), softmax CLIP loss, batch 128, 900 steps, AdamW with
 warmup + cosine.
 Data: the built-in `shapes` set (40k training images of two coloured shapes in a spatial relation,
@@ -43,8 +43,8 @@ def get_config(arg=None):
     c.seed = 0
     # Patch 16 (16 image tokens) and unrolled layers: 3x the throughput of patch 8 with scan on
     # 2 CPU cores, which buys more steps in the time budget. Captions are at most 15 tokens.
-    c.model = dict(name="ViT-Ti-8-64", embed_dim=128, scan_layers=False,
-                   image=dict(patch_size=16), text=dict(context_length=16))
+    c.model = dict(name="ViT-Ti-16-64", embed_dim=128, scan_layers=False,
+                   text=dict(context_length=16))
     c.train = dict(steps=900, batch_size=128, log_every=50, ckpt_every=300)
     c.optim = dict(lr=1e-3, wd=0.1, warmup_steps=50)
     c.data = dict(

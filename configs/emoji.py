@@ -1,6 +1,6 @@
 """Emoji: a small CLIP learns emoji images from their official Unicode names; retrieval on held-out emoji.
 
-Trains: ViT-Ti-8-64 at patch 16 (image 64 px, 16 patches, width 128, 4 layers) and a 4-layer,
+Trains: ViT-Ti-16-64 (image 64 px, 16 patches, width 128, 4 layers) and a 4-layer,
 width-128 text tower (CLIP BPE, context 16) with the softmax CLIP loss, batch 128, AdamW with
 warmup + cosine, random-resized-crop augmentation (the training set is small: 2,886 images).
 Data: every fully-qualified emoji of Unicode 15.0 rendered from the Debian Noto Color Emoji font,
@@ -24,8 +24,8 @@ import ml_collections
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.model = dict(name="ViT-Ti-8-64", embed_dim=128, scan_layers=False,
-                   image=dict(patch_size=16), text=dict(context_length=16))
+    c.model = dict(name="ViT-Ti-16-64", embed_dim=128, scan_layers=False,
+                   text=dict(context_length=16))
     c.train = dict(steps=1500, batch_size=128, log_every=50, ckpt_every=500)
     c.optim = dict(lr=1e-3, wd=0.2, warmup_steps=100)
     c.data = dict(

@@ -1,6 +1,6 @@
 """LiT-style demo: a locked pretrained text tower (MiniLM-L6) and an image tower trained from scratch.
 
-Trains: the image tower of the demo (ViT-Ti-8-64 at patch 16, 4 layers, width 128, its own
+Trains: the image tower of the demo (ViT-Ti-16-64, 4 layers, width 128, its own
 projection to 128-d) from scratch against the frozen sentence encoder all-MiniLM-L6-v2 (BERT,
 6 layers, width 384, mean pooling; `model.text.kind = "bert"`), which is locked: no gradients,
 no optimizer state. A trainable linear head (`model.text.head = "linear"`, 384 -> 128) maps the
@@ -48,8 +48,8 @@ def get_config(arg=None):
     text.update(context_length=16, locked=True, head="linear")
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.model = dict(name="ViT-Ti-8-64", embed_dim=128, scan_layers=False,
-                   image=dict(patch_size=16), text=text)
+    c.model = dict(name="ViT-Ti-16-64", embed_dim=128, scan_layers=False,
+                   text=text)
     c.init = dict(path=path, select="^text/")
     c.train = dict(steps=400, batch_size=128, log_every=50, ckpt_every=200)
     c.optim = dict(lr=1e-3, wd=0.1, warmup_steps=40)

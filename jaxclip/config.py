@@ -30,6 +30,7 @@ from typing import Any
 import ml_collections
 
 from jaxclip.losses import core as loss_registry
+from jaxclip.models import heads, layers
 from jaxclip.models import towers as tower_registry
 
 ConfigDict = ml_collections.ConfigDict
@@ -443,22 +444,18 @@ def apply_override(cfg: ConfigDict, item: str) -> None:
         node[last] = value
 
 
-# jaxclip.models.layers.REMAT_CHOICES (not imported: the config loads without jax).
-REMAT = ("none", "full", "dots", "dots_no_batch", "minimal", "save_dot_except_mlp",
-         "save_qkv_proj", "save_attn_out")
-
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.remat": REMAT,
-    "model.image.remat": ("", *REMAT),
-    "model.text.remat": ("", *REMAT),
+    "model.remat": layers.REMAT_CHOICES,
+    "model.image.remat": ("", *layers.REMAT_CHOICES),
+    "model.text.remat": ("", *layers.REMAT_CHOICES),
     "model.attn_impl": ("xla", "cudnn", "auto"),
     "model.image.pool": ("cls", "map", "mean"),
     "model.image.act": ("gelu", "quick_gelu"),
     "model.text.act": ("gelu", "quick_gelu"),
     "model.text.pool": ("eot", "last", "mean", "first"),
-    "model.image.head": ("none", "linear", "mlp", "patch_mlp"),
-    "model.text.head": ("none", "linear", "mlp", "patch_mlp"),
+    "model.image.head": heads.HEADS,
+    "model.text.head": heads.HEADS,
     "loss.scale_param": ("logit_scale", "temperature"),
     "optim.schedule": ("cosine", "constant", "linear"),
     "data.caption": ("random", "first"),

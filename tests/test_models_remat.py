@@ -76,7 +76,6 @@ def test_per_tower_remat_applies_to_its_tower_only():
 
 
 def test_remat_choices_are_validated():
-    assert config.REMAT == L.REMAT_CHOICES
     for key in ("model.remat", "model.image.remat", "model.text.remat"):
         with pytest.raises(config.ConfigError, match="must be one of"):
             config.validate(tiny_config(**{key: "everything"}))

@@ -36,6 +36,12 @@ SIZES: dict[str, dict] = {
         image=dict(image_size=64, patch_size=8, width=128, depth=4, heads=4),
         text=dict(vocab_size=49408, context_length=32, width=128, heads=4, depth=4),
     ),
+    # The demo's model: the Ti geometry at patch 16 (16 patches of a 64 px image).
+    "ViT-Ti-16-64": dict(
+        embed_dim=128,
+        image=dict(image_size=64, patch_size=16, width=128, depth=4, heads=4),
+        text=dict(vocab_size=49408, context_length=32, width=128, heads=4, depth=4),
+    ),
     "ViT-S-8-64": dict(
         embed_dim=256,
         image=dict(image_size=64, patch_size=8, width=256, depth=6, heads=4),
