@@ -3,7 +3,7 @@ PYTHON ?= python3
 
 .PHONY: demo test
 
-demo:  ## install jaxclip into .venv and train the demo (about 7 minutes on 2 CPU cores)
+demo:  ## install jaxclip into .venv and train the demo (6-16 minutes on 2 CPU cores)
 	$(PYTHON) -m venv .venv
 	.venv/bin/python -m pip install -q --upgrade pip
 	.venv/bin/python -m pip install -q -e .
