@@ -143,16 +143,21 @@ def make_train_step(m: TrainSetup):
 
     def step(state: TrainState, batch: dict):
         images = normalize_images(batch["image"], cfg.data.mean, cfg.data.std)
+        # One key per step, from the seed and the step alone, so a resumed run draws the same.
+        step_key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
+
+        def keyed_objective(enc):
+            return objective(dataclasses.replace(enc, key=step_key))
 
         def loss_fn(params):
             model = nnx.merge(m.graphdef, tree.merge(params, state.frozen))
             enc = model(images, batch["text"], return_tokens=tokens)
-            loss, metrics = objective(enc)
+            loss, metrics = keyed_objective(enc)
             return loss, (metrics, enc.logit_scale, enc.logit_bias)
 
         if microbatches > 1:  # the full batch's gradient with 1/k of the activations
             (loss, (metrics, scale, bias)), grads = accumulate.loss_and_grads(
-                m.graphdef, state.params, state.frozen, images, batch["text"], objective,
+                m.graphdef, state.params, state.frozen, images, batch["text"], keyed_objective,
                 microbatches, return_tokens=tokens, mesh=m.mesh,
                 grad_shardings=m.state_shardings.params)
         else:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import PartitionSpec as P
 
-from jaxclip.losses import contrastive, geometry  # noqa: F401  (registers the objectives)
+from jaxclip.losses import contrastive, geometry, mixup  # noqa: F401  (registers them)
 from jaxclip.losses.core import Objective, after, get, names, register
 from jaxclip.models.two_tower import Encoded
 from jaxclip.sharding import BATCH_AXES
@@ -89,7 +89,8 @@ def total_objective(loss_cfg):
             term_enc = enc
             if loss_cfg.impl == "ring":
                 term_enc = enc.with_pair(*after((enc.x, enc.y), loss, axis))
-            value, _ = objective.fn(term_enc, loss_cfg, axis)
+            value, term_metrics = objective.fn(term_enc, loss_cfg, axis)
+            metrics.update(term_metrics)  # a term's own diagnostics (m2mix_lambda, ...)
             metrics[f"loss_{name}"] = value
             loss = loss + weight * value
         return loss, metrics

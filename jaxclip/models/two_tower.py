@@ -55,6 +55,9 @@ class Encoded:
     logit_bias: jax.Array | None = None  # ()
     tokens: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # (B, N, E) per token
     masks: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # (B, N) bool, real
+    # The step's random key (typed, replicated), set by the trainer for objectives that draw
+    # (m2mix's mixing ratio): a function of (seed, step), so a resumed run draws the same.
+    key: jax.Array | None = None
     pair: tuple[str, str] = dataclasses.field(default=("image", "text"),
                                               metadata=dict(static=True))
 

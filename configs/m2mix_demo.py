@@ -1,0 +1,25 @@
+"""The demo (configs/demo.py) with m²-mix hard negatives added to the CLIP loss.
+
+m²-mix (Oh et al. 2023, arXiv 2203.03897) mixes each matched image/text pair on the unit sphere
+(slerp with one λ ~ Beta(0.5, 0.5) per step) and uses the mixes as extra negatives in two more
+contrastive problems at temperature 0.07, weighted here by 0.01 (the paper sweeps 1e-3 to 5e-2).
+It was proposed for fine-tuning robustness and calibration; here it trains from scratch on the
+shapes set so its effect can be compared with the plain demo on the same budget
+(docs/objectives.md).
+
+    jaxclip train --config configs/m2mix_demo.py --workdir runs/m2mix_demo
+"""
+
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location(
+    "demo", os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
+demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo)
+
+
+def get_config(arg=None):
+    c = demo.get_config(arg)
+    c.loss = dict(aux=dict(m2mix=0.01), m2mix=dict(alpha=0.5, temperature=0.07))
+    return c
