@@ -6,6 +6,7 @@ ulps: losses rtol 1e-6, gradients atol 1e-6 / rtol 1e-5 (entries are O(1e-2)), a
 tests/test_losses.py; the float64 reference to rtol 1e-5.
 """
 
+import dataclasses
 import functools
 import os
 
@@ -149,6 +150,39 @@ def test_sharded_equals_single_device_in_loss_and_gradients():
                            put(mask), scale)
     _assert_loss_and_grads_equal(got, want)
     assert abs(float(got[1][2])) > 1e-3  # the scale's gradient, not divided by the shards
+    # Token selection runs per shard (among the shard's own counterparts, so it differs from
+    # the single-device selection by design): it runs and keeps ceil(0.5 · 5) = 3 patches.
+    cfg.filip.keep_frac = 0.5
+    enc = Encoded({"image": image.mean(1), "text": text.mean(1)}, scale,
+                  tokens={"image": put(image), "text": put(text)}, masks={"text": put(mask)})
+    loss, metrics = jax.jit(losses.objective_over_mesh(cfg, mesh))(enc)
+    assert np.isfinite(float(loss)) and float(metrics["image_tokens_kept"]) == 3.0
+
+
+def test_chunks_bound_the_memory_of_the_token_similarities():
+    """Compile-only: XLA's planned temp memory of loss and gradients, whole batch vs chunks of 8
+    (the b x B x n1 x n2 similarities are 4 MiB here, one chunk's 0.5 MiB)."""
+    image = jax.ShapeDtypeStruct((64, 16, 32), jnp.float32)
+    text = jax.ShapeDtypeStruct((64, 16, 32), jnp.float32)
+    mask = jax.ShapeDtypeStruct((64, 16), jnp.bool_)
+    scale = jax.ShapeDtypeStruct((), jnp.float32)
+
+    def temp_mib(chunk):
+        fn = losses.objective_over_mesh(_filip_cfg(chunk=chunk), None)
+
+        def f(a, b, m, s):
+            enc = Encoded({"image": a.mean(1), "text": b.mean(1)}, s,
+                          tokens={"image": a, "text": b}, masks={"text": m})
+            return jax.value_and_grad(lambda a, b, s: fn(
+                dataclasses.replace(enc, tokens={"image": a, "text": b}, logit_scale=s))[0],
+                argnums=(0, 1, 2))(a, b, s)
+
+        compiled = jax.jit(f).lower(image, text, mask, scale).compile()
+        return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+    whole, chunked = temp_mib(0), temp_mib(8)
+    print(f"temp: whole batch {whole:.2f} MiB, chunks of 8 {chunked:.2f} MiB")
+    assert chunked < 0.5 * whole
 
 
 def test_token_selection_and_communication_dtype():
