@@ -2,6 +2,8 @@
 
     jaxclip.losses.clip_loss(image_emb, text_emb, logit_scale, ...)            -> scalar
     jaxclip.losses.siglip_loss(image_emb, text_emb, logit_scale, logit_bias)   -> scalar
+    jaxclip.losses.filip_loss(image_tokens, text_tokens, text_mask, logit_scale) -> scalar
+    jaxclip.losses.cwcl_loss(frozen_emb, trained_emb, logit_scale)             -> scalar
 
 take the whole (global) batch; with `impl="ring"|"all_gather", mesh=mesh` they run sharded over
 the mesh's batch axes (the arrays may be globally sharded). Inside the train step the same
@@ -21,7 +23,13 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import PartitionSpec as P
 
-from jaxclip.losses import contrastive, geometry, mixup  # noqa: F401  (registers them)
+from jaxclip.losses import (  # noqa: F401  (registers the objectives)
+    contrastive,
+    geometry,
+    mixup,
+    tokenwise,
+    weighted,
+)
 from jaxclip.losses.core import Objective, after, get, names, register
 from jaxclip.models.two_tower import Encoded
 from jaxclip.sharding import BATCH_AXES
@@ -64,6 +72,41 @@ def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, *, impl: str = "de
     enc = Encoded.of_pair(jnp.asarray(image_emb), jnp.asarray(text_emb),
                           jnp.asarray(logit_scale), jnp.asarray(logit_bias))
     return _over_mesh(_loss_cfg(name="siglip", impl=impl, tile=tile), mesh, enc)
+
+
+def filip_loss(image_tokens, text_tokens, text_mask, logit_scale, *, keep_frac: float = 1.0,
+               comm_dtype: str = "float32", chunk: int = 256, label_smoothing: float = 0.0,
+               impl: str = "dense", mesh=None) -> jax.Array:
+    """FILIP's token-wise late-interaction loss over a global batch.
+
+    image_tokens (B, N, D) patch tokens and text_tokens (B, T, D), each token L2-normalised;
+    text_mask (B, T) bool, True on real tokens; logit_scale is log t. keep_frac, comm_dtype and
+    chunk are loss.filip's keys (tokenwise.py); `impl` ("all_gather" | "dense") and `mesh` as in
+    `clip_loss`.
+    """
+    image_tokens, text_tokens = jnp.asarray(image_tokens), jnp.asarray(text_tokens)
+    # FILIP reads only the tokens; Encoded carries pooled rows for every objective, any will do.
+    enc = Encoded({"image": image_tokens.mean(1), "text": text_tokens.mean(1)},
+                  jnp.asarray(logit_scale), tokens={"image": image_tokens, "text": text_tokens},
+                  masks={"text": jnp.asarray(text_mask, bool)})
+    own = dict(keep_frac=keep_frac, comm_dtype=comm_dtype, chunk=chunk,
+               label_smoothing=label_smoothing)
+    cfg = _loss_cfg(name="filip", impl=impl, filip=dict(get("filip").config, **own))
+    return _over_mesh(cfg, mesh, enc)
+
+
+def cwcl_loss(frozen_emb, trained_emb, logit_scale, *, bidirectional: bool = False,
+              impl: str = "dense", mesh=None) -> jax.Array:
+    """CWCL over a global batch of L2-normalised embeddings: frozen_emb (B, D) from the locked
+    tower (weights and logits, under stop-gradient), trained_emb (B, D) from the tower that
+    learns; logit_scale is log t. The frozen -> trained direction is the weighted cross-entropy,
+    the other plain CLIP unless `bidirectional`; the result is their mean. `impl` and `mesh` as
+    in `clip_loss`."""
+    enc = Encoded.of_pair(jnp.asarray(frozen_emb), jnp.asarray(trained_emb),
+                          jnp.asarray(logit_scale))
+    cfg = _loss_cfg(name="cwcl", impl=impl,
+                    cwcl=dict(weight_tower="image", bidirectional=bool(bidirectional)))
+    return _over_mesh(cfg, mesh, enc)
 
 
 def total_objective(loss_cfg):
@@ -123,5 +166,5 @@ def objective_over_mesh(loss_cfg, mesh):
     return run
 
 
-__all__ = ["Objective", "clip_loss", "get", "names", "needs_tokens", "objective_over_mesh",
-           "register", "siglip_loss", "total_objective"]
+__all__ = ["Objective", "clip_loss", "cwcl_loss", "filip_loss", "get", "names", "needs_tokens",
+           "objective_over_mesh", "register", "siglip_loss", "total_objective"]
