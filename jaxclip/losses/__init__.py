@@ -22,6 +22,7 @@ import ml_collections
 from jax.sharding import PartitionSpec as P
 
 from jaxclip.losses import contrastive, geometry  # noqa: F401  (registers the objectives)
+from jaxclip.losses import multi_positive as multi_positive  # registers one_to_k
 from jaxclip.losses.core import Objective, after, get, names, register
 from jaxclip.models.two_tower import Encoded
 from jaxclip.sharding import BATCH_AXES
@@ -64,6 +65,20 @@ def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, *, impl: str = "de
     enc = Encoded.of_pair(jnp.asarray(image_emb), jnp.asarray(text_emb),
                           jnp.asarray(logit_scale), jnp.asarray(logit_bias))
     return _over_mesh(_loss_cfg(name="siglip", impl=impl, tile=tile), mesh, enc)
+
+
+def one_to_k_loss(image_emb, text_emb, logit_scale, text_mask=None, *, impl: str = "dense",
+                  mesh=None) -> jax.Array:
+    """1-to-K contrastive loss over a global batch (losses/multi_positive.py).
+
+    image_emb (B, D) and text_emb (B, K, D) L2-normalised, K captions per image; text_mask
+    (B, K) bool marks the captions that exist (None: all). logit_scale is log t. With K = 1 it
+    equals `clip_loss`. `impl` ("all_gather" | "dense") and `mesh` as in `clip_loss`.
+    """
+    present = {} if text_mask is None else {"text": jnp.asarray(text_mask, bool)}
+    enc = Encoded({"image": jnp.asarray(image_emb), "text": jnp.asarray(text_emb)},
+                  jnp.asarray(logit_scale), present=present)
+    return _over_mesh(_loss_cfg(name="one_to_k", impl=impl), mesh, enc)
 
 
 def total_objective(loss_cfg):
