@@ -269,3 +269,27 @@ def test_config_lines_train_and_evaluate_mrv(caption_sets, tmp_path):
     assert all(1.0 < r["captions_per_image"] < 3.0 for r in logged)
     evals = {k: v for r in rows for k, v in r.items() if k.startswith("eval/v/")}
     assert "eval/v/t2i_mrv" in evals and evals["eval/v/t2i_mrv"] >= 0.0
+
+
+@pytest.mark.slow
+def test_emoji_one_to_k_config_runs_and_reports_mrv(tmp_path, monkeypatch):
+    """configs/emoji_one_to_k.py as written, shortened: builds emoji_captions (four phrasings of
+    each emoji) from the Debian packages, trains with K = 4 and reports MRV on the eval split."""
+    from jaxclip.data.sources import emoji
+
+    for pkg, path in {"fonts-noto-color-emoji": emoji.FONT_FILE,
+                      "unicode-data": emoji.EMOJI_TEST_FILE}.items():
+        if not os.path.exists(path):
+            pytest.skip(f"needs the Debian package {pkg} (apt-get install -y {pkg})")
+    monkeypatch.setenv("JAXCLIP_CACHE", os.environ.get("JAXCLIP_CACHE") or str(tmp_path))
+    cfg = config.load(os.path.join(os.path.dirname(DEMO), "emoji_one_to_k.py"), [
+        "train.steps=3", "train.batch_size=32", "train.log_every=1", "train.ckpt_every=0",
+        "train.progress=false", "evals.eval.every_steps=0", "evals.eval.max_examples=64",
+        "evals.names.every_steps=0", "evals.names.max_examples=64"])
+    train.train(cfg, str(tmp_path / "run"))
+    rows = read_metrics(str(tmp_path / "run"))
+    logged = [r for r in rows if "loss" in r]
+    assert len(logged) == 3 and all(np.isfinite(r["loss"]) for r in logged)
+    assert all(r["captions_per_image"] == 4.0 for r in logged)  # four phrasings each
+    evals = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}
+    assert "eval/eval/t2i_mrv" in evals and "eval/names/t2i_mrv" not in evals  # 1 name each
