@@ -195,7 +195,11 @@ def defaults() -> ConfigDict:
     d.mean = (0.48145466, 0.4578275, 0.40821073)  # CLIP normalisation
     d.std = (0.26862954, 0.26130258, 0.27577711)
     d.augment = ConfigDict(dict(kind="none", scale=(0.9, 1.0), ratio=(0.75, 1.3333)))
-    d.caption = "random"  # random | first  (which caption of a multi-caption record)
+    # Which caption of a multi-caption record: random | first, or all: up to
+    # `captions_per_image` (K) of them, text (B, K, T) with a (B, K) mask `text_mask` for images
+    # with fewer (for objectives with several positives per image: loss.name = one_to_k).
+    d.caption = "random"
+    d.captions_per_image = 0  # K of caption = "all"
     d.workers = 0  # multiprocess prefetch workers (0 = in-process threads)
     d.prefetch = 2
     # Steps ahead that a background thread reads the next batches and places them on the
@@ -458,7 +462,7 @@ _CHOICES = {
     "model.text.head": heads.HEADS,
     "loss.scale_param": ("logit_scale", "temperature"),
     "optim.schedule": ("cosine", "constant", "linear"),
-    "data.caption": ("random", "first"),
+    "data.caption": ("random", "first", "all"),
 }
 
 

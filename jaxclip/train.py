@@ -46,6 +46,7 @@ from jaxclip import (
 )
 from jaxclip.data import prefetch, stream
 from jaxclip.data.images import normalize_images
+from jaxclip.losses.multi_positive import MULTI_CAPTION_OBJECTIVES
 from jaxclip.metrics import Goodput, GoodputClock, LogWindow, MetricWriter, NonFiniteLossError
 from jaxclip.preemption import Preempted, PreemptionWatcher
 from jaxclip.tokenizer import from_config as tokenizer_from_config
@@ -146,18 +147,23 @@ def make_train_step(m: TrainSetup):
         # One key per step, from the seed and the step alone, so a resumed run draws the same.
         step_key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
 
-        def keyed_objective(enc):
-            return objective(dataclasses.replace(enc, key=step_key))
+        def objective_of_batch(enc):
+            # Constants of the step, attached here so that accumulation's passes see them too:
+            # the step's key, and with K captions per image (data.caption = "all") which exist.
+            enc = dataclasses.replace(enc, key=step_key)
+            if "text_mask" in batch:
+                enc = dataclasses.replace(enc, present={"text": batch["text_mask"]})
+            return objective(enc)
 
         def loss_fn(params):
             model = nnx.merge(m.graphdef, tree.merge(params, state.frozen))
             enc = model(images, batch["text"], return_tokens=tokens)
-            loss, metrics = keyed_objective(enc)
+            loss, metrics = objective_of_batch(enc)
             return loss, (metrics, enc.logit_scale, enc.logit_bias)
 
         if microbatches > 1:  # the full batch's gradient with 1/k of the activations
             (loss, (metrics, scale, bias)), grads = accumulate.loss_and_grads(
-                m.graphdef, state.params, state.frozen, images, batch["text"], keyed_objective,
+                m.graphdef, state.params, state.frozen, images, batch["text"], objective_of_batch,
                 microbatches, return_tokens=tokens, mesh=m.mesh,
                 grad_shardings=m.state_shardings.params)
         else:
@@ -183,9 +189,30 @@ def batch_specs(cfg, mesh) -> dict:
     """Shapes, dtypes and shardings of a global training batch."""
     B, size = cfg.train.batch_size, cfg.model.image.image_size
     sh = sharding.batch_sharding(mesh)
-    return {"image": jax.ShapeDtypeStruct((B, size, size, 3), jnp.uint8, sharding=sh),
-            "text": jax.ShapeDtypeStruct((B, cfg.model.text.context_length), jnp.int32,
-                                         sharding=sh)}
+    captions = (cfg.data.captions_per_image,) if cfg.data.caption == "all" else ()
+    specs = {"image": jax.ShapeDtypeStruct((B, size, size, 3), jnp.uint8, sharding=sh),
+             "text": jax.ShapeDtypeStruct((B, *captions, cfg.model.text.context_length),
+                                          jnp.int32, sharding=sh)}
+    if captions:
+        specs["text_mask"] = jax.ShapeDtypeStruct((B, *captions), jnp.bool_, sharding=sh)
+    return specs
+
+
+def _check_caption_sets(cfg) -> None:
+    """data.caption = "all" gives K captions per image, which only some objectives read."""
+    if cfg.data.caption != "all":
+        return
+    if cfg.data.captions_per_image < 1:
+        raise config.ConfigError("data.caption='all' needs data.captions_per_image >= 1 (K, the "
+                                 "captions kept per image)")
+    if cfg.loss.name not in MULTI_CAPTION_OBJECTIVES:
+        raise config.ConfigError(
+            f"data.caption='all' gives K captions per image, which loss.name={cfg.loss.name!r} "
+            f"does not read; use one of {MULTI_CAPTION_OBJECTIVES} or data.caption=random|first")
+    if terms := [n for n, w in cfg.loss.aux.items() if float(w) != 0.0]:
+        raise config.ConfigError(
+            f"data.caption='all': the auxiliary terms {terms} (loss.aux) read one caption per "
+            "image and are not supported with K captions yet")
 
 
 
@@ -216,6 +243,7 @@ def preflight(cfg) -> dict:
         losses.total_objective(cfg.loss)
     except (KeyError, ValueError) as e:
         raise config.ConfigError(f"loss: {e.args[0] if e.args else e}") from None
+    _check_caption_sets(cfg)
     try:
         mesh = sharding.make_mesh(cfg.mesh)
     except ValueError as e:

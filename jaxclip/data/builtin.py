@@ -10,6 +10,7 @@ interrupted build resumes.
     shapes_small   the same at 2,000 / 256 / 256, for tests and smoke runs
     fashion_mnist  Debian dataset-fashion-mnist: 60k train / 10k test, class-prompt captions
     emoji          Debian fonts-noto-color-emoji + unicode-data: 64 px renders, CLDR names
+    emoji_captions the same with four phrasings of each name (several captions per image)
 
 A new built-in dataset is a `Source` (a module in `jaxclip.data.sources`) plus one `BUILTINS`
 entry here; a config then names it.
@@ -48,6 +49,8 @@ BUILTINS: dict[str, Builtin] = {
         functools.partial(ShapesSource, train=2000, val=256, novel=256), parallel=False),
     "fashion_mnist": Builtin(FashionMnistSource, num_shards={"train": 12, "test": 2}),
     "emoji": Builtin(EmojiSource, num_shards={"train": 4, "eval": 2}, cache_name="emoji64"),
+    "emoji_captions": Builtin(functools.partial(EmojiSource, captions="templates"),
+                              num_shards={"train": 4, "eval": 2}, cache_name="emoji64_captions"),
 }
 
 

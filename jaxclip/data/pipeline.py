@@ -49,16 +49,26 @@ _MAX_REPLACEMENTS = 64
 
 @dataclasses.dataclass(frozen=True)
 class ElementTransform:
-    """Record bytes -> (uint8 image, caption). Picklable, for grain worker processes."""
+    """Record bytes -> (uint8 image, caption). Picklable, for grain worker processes.
+
+    caption "random" | "first" gives one caption (a str); "all" gives a list of at most
+    `captions_per_image` captions: all of them in record order when the record has no more,
+    else that many drawn without replacement (kept in record order) by the element's generator,
+    so the choice too is a function of (seed, stream index) and resumes exactly."""
 
     image_size: int
     augment: str = "none"  # none | rrc (random resized crop)
     scale: tuple[float, float] = (0.9, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    caption: str = "random"  # random | first
+    caption: str = "random"  # random | first | all
     seed: int = 0
+    captions_per_image: int = 0  # K of caption="all"
 
-    def __call__(self, raw: bytes, index: int) -> tuple[np.ndarray, str]:
+    def __post_init__(self):
+        if self.caption == "all" and self.captions_per_image < 1:
+            raise ValueError("caption='all' needs captions_per_image >= 1")
+
+    def __call__(self, raw: bytes, index: int) -> tuple[np.ndarray, str | list[str]]:
         record = records.decode_record(raw)
         rng = np.random.default_rng([self.seed, index])
         data, arr = record["image"], None
@@ -73,7 +83,15 @@ class ElementTransform:
         if arr is None:
             arr, box = decode_for_box(data, box, self.image_size)
         captions = record["captions"]
-        text = captions[rng.integers(len(captions))] if self.caption == "random" else captions[0]
+        if self.caption == "all":
+            k = self.captions_per_image
+            keep = (np.sort(rng.choice(len(captions), k, replace=False))
+                    if len(captions) > k else range(len(captions)))
+            text = [captions[i] for i in keep]
+        elif self.caption == "random":
+            text = captions[rng.integers(len(captions))]
+        else:
+            text = captions[0]
         return crop_resize(arr, box, self.image_size), text
 
 
@@ -129,9 +147,22 @@ class StepBatches(grain.MapDataset):
                     "dataset's shards corrupt or gone?")
             images.append(img)
             texts.append(text)
+        if self._transform.caption == "all":
+            return {"image": np.stack(images), **self._caption_sets(texts),
+                    "skipped": np.int32(skipped)}
         tokens = self._tokenizer(texts, context_length=self._context_length)
         return {"image": np.stack(images), "text": tokens.astype(np.int32),
                 "skipped": np.int32(skipped)}
+
+    def _caption_sets(self, caption_lists: list[list[str]]) -> dict[str, np.ndarray]:
+        """text (b, K, T) tokens and text_mask (b, K): each image's captions, the missing slots
+        filled with its first caption (a well-formed text for any tokenizer, so the tower sees
+        nothing unusual) and masked out."""
+        k = self._transform.captions_per_image
+        flat = [c for caps in caption_lists for c in [*caps, *[caps[0]] * (k - len(caps))]]
+        tokens = self._tokenizer(flat, context_length=self._context_length).astype(np.int32)
+        mask = np.arange(k)[None, :] < np.array([len(c) for c in caption_lists])[:, None]
+        return {"text": tokens.reshape(len(caption_lists), k, -1), "text_mask": mask}
 
 
 def record_source(directory: str, split: str) -> grain.MapDataset:

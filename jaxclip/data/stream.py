@@ -82,7 +82,8 @@ def train_stream(cfg, start_step: int, tokenizer):
     aug = cfg.data.augment
     transform = pipeline.ElementTransform(
         image_size=image_size(cfg), augment=aug.kind, scale=tuple(aug.scale),
-        ratio=tuple(aug.ratio), caption=cfg.data.caption, seed=seed(cfg))
+        ratio=tuple(aug.ratio), caption=cfg.data.caption, seed=seed(cfg),
+        captions_per_image=cfg.data.captions_per_image)
     return pipeline.train_batches(
         mixture(cfg), transform=transform, tokenizer=tokenizer,
         context_length=cfg.model.text.context_length, global_batch=cfg.train.batch_size,

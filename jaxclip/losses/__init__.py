@@ -27,6 +27,7 @@ from jaxclip.losses import (  # noqa: F401  (registers the objectives)
     contrastive,
     geometry,
     mixup,
+    multi_positive,
     tokenwise,
     weighted,
 )
@@ -108,6 +109,19 @@ def cwcl_loss(frozen_emb, trained_emb, logit_scale, *, bidirectional: bool = Fal
                     cwcl=dict(weight_tower="image", bidirectional=bool(bidirectional)))
     return _over_mesh(cfg, mesh, enc)
 
+def one_to_k_loss(image_emb, text_emb, logit_scale, text_mask=None, *, impl: str = "dense",
+                  mesh=None) -> jax.Array:
+    """1-to-K contrastive loss over a global batch (losses/multi_positive.py).
+
+    image_emb (B, D) and text_emb (B, K, D) L2-normalised, K captions per image; text_mask
+    (B, K) bool marks the captions that exist (None: all). logit_scale is log t. With K = 1 it
+    equals `clip_loss`. `impl` ("all_gather" | "dense") and `mesh` as in `clip_loss`.
+    """
+    present = {} if text_mask is None else {"text": jnp.asarray(text_mask, bool)}
+    enc = Encoded({"image": jnp.asarray(image_emb), "text": jnp.asarray(text_emb)},
+                  jnp.asarray(logit_scale), present=present)
+    return _over_mesh(_loss_cfg(name="one_to_k", impl=impl), mesh, enc)
+
 
 def total_objective(loss_cfg):
     """fn(enc, axis) -> (loss, metrics): the main objective plus weighted auxiliary terms."""
@@ -167,4 +181,4 @@ def objective_over_mesh(loss_cfg, mesh):
 
 
 __all__ = ["Objective", "clip_loss", "cwcl_loss", "filip_loss", "get", "names", "needs_tokens",
-           "objective_over_mesh", "register", "siglip_loss", "total_objective"]
+           "objective_over_mesh", "one_to_k_loss", "register", "siglip_loss", "total_objective"]

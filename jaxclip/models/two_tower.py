@@ -47,7 +47,8 @@ class Encoded:
 
     An objective contrasts one `pair` of modalities, (image, text) unless `loss.pair` says
     otherwise; it reads them by role: `x` / `y` (embeddings), `x_tokens` / `y_tokens`, `x_mask` /
-    `y_mask` (None where the tower gives none). `image_emb` / `text_emb` name the modalities.
+    `y_mask` (None where the tower gives none), `x_present` / `y_present` (None unless the
+    modality has K inputs per row). `image_emb` / `text_emb` name the modalities.
     """
 
     emb: dict[str, jax.Array]  # modality -> (B, E) L2-normalised, float32
@@ -58,6 +59,10 @@ class Encoded:
     # The step's random key (typed, replicated), set by the trainer for objectives that draw
     # (m2mix's mixing ratio): a function of (seed, step), so a resumed run draws the same.
     key: jax.Array | None = None
+    # A modality given as K inputs per row (data.caption = "all": K captions of each image) has
+    # (B, K, E) embeddings, (B, K, N, E) tokens, (B, K, N) masks, and here a (B, K) bool mask
+    # of the inputs that are real (an image with fewer than K captions); absent: all real.
+    present: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
     pair: tuple[str, str] = dataclasses.field(default=("image", "text"),
                                               metadata=dict(static=True))
 
@@ -83,6 +88,8 @@ class Encoded:
     y_tokens = property(lambda self: self.tokens.get(self.pair[1]))
     x_mask = property(lambda self: self.masks.get(self.pair[0]))
     y_mask = property(lambda self: self.masks.get(self.pair[1]))
+    x_present = property(lambda self: self.present.get(self.pair[0]))
+    y_present = property(lambda self: self.present.get(self.pair[1]))
     image_emb = property(lambda self: self.emb["image"])
     text_emb = property(lambda self: self.emb["text"])
 
@@ -132,7 +139,17 @@ class TwoTower(nnx.Module):
             draw_params(self, rngs)
 
     def encode(self, modality: str, inputs: jax.Array, *, return_tokens: bool = False):
-        """(embeddings, token features or None, mask or None) of one modality's inputs."""
+        """(embeddings, token features or None, mask or None) of one modality's inputs.
+
+        Text given as (B, K, T), K captions per image, is encoded as B·K captions and returned
+        as (B, K, E) embeddings ((B, K, T, E) tokens, (B, K, T) mask)."""
+        if modality == "text" and inputs.ndim == 3:
+            rows = inputs.shape[:2]
+            emb, tokens, mask = self.encode(modality, inputs.reshape(-1, inputs.shape[-1]),
+                                            return_tokens=return_tokens)
+            # Row-major flattening keeps each image's K captions in the image's batch block, so
+            # the batch split of the B·K rows is the split of the B images.
+            return jax.tree.map(lambda a: a.reshape(*rows, *a.shape[1:]), (emb, tokens, mask))
         # The parameters are traced with the step's mesh: activation constraints apply inside.
         with sharding.activation_mesh(self.logit_scale[...]):
             head = getattr(self, f"{modality}_head")

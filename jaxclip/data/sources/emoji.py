@@ -4,7 +4,9 @@
 subgroup. The 3,655 fully-qualified entries are rendered with Noto Color Emoji (Emoji 15.0, the
 same coverage) through Pillow:
 
-- caption: the CLDR name ("grinning face", "flag: Wales");
+- caption: the CLDR name ("grinning face", "flag: Wales"); with `captions="templates"`, four
+  phrasings of it (`caption_templates`: the name, "an emoji of ...", with its subgroup, with its
+  group), for objectives with several positives per image (1-to-K);
 - labels: {"group": id, "subgroup": id}, ids numbering the groups/subgroups that have
   fully-qualified emoji in file order (9 groups, 99 subgroups); names are in `meta` and in the
   manifest's `info`;
@@ -209,6 +211,18 @@ def render(emoji: str, font, image_size: int = 64, background: str = "white"):
     return square.resize((image_size, image_size), Image.Resampling.LANCZOS)
 
 
+CAPTION_KINDS = ("name", "templates")
+
+
+def caption_templates(entry: EmojiEntry) -> list[str]:
+    """Four phrasings of one emoji's name: the bare name, a generic frame, and two that add its
+    subgroup or group ("face-smiling" reads "face smiling"), so the captions of one image differ
+    in wording and in how much of the category they name."""
+    subgroup = entry.subgroup.replace("-", " ")
+    return [entry.name, f"an emoji of {entry.name}", f"{entry.name}, a {subgroup} emoji",
+            f"{entry.group.lower()}: {entry.name}"]
+
+
 @dataclasses.dataclass
 class EmojiSource:
     image_size: int = 64
@@ -217,6 +231,7 @@ class EmojiSource:
     background: str = "white"  # a Pillow colour name, or "none" for transparent RGBA
     emoji_test_file: str = EMOJI_TEST_FILE
     font_file: str = FONT_FILE
+    captions: str = "name"  # name | templates (see caption_templates)
     _cache: dict[str, Any] = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -224,6 +239,8 @@ class EmojiSource:
     def __post_init__(self):
         if not 8 <= self.image_size <= 1024:
             raise ValueError(f"image_size must be in [8, 1024], got {self.image_size}")
+        if self.captions not in CAPTION_KINDS:
+            raise ValueError(f"captions must be one of {CAPTION_KINDS}, got {self.captions!r}")
         if self.background != "none":
             from PIL import ImageColor
 
@@ -245,10 +262,13 @@ class EmojiSource:
         return self._cache["entries"], self._cache["splits"]
 
     def describe(self) -> str:
+        # The cache key is a hash of this text: the default captions add nothing to it, so the
+        # caches built before the setting existed stay valid.
+        captions = "" if self.captions == "name" else f" captions={self.captions}"
         return (
             f"emoji: {self.emoji_test_file} rendered with {self.font_file} at "
             f"{self.image_size}px on {self.background}, eval_fraction={self.eval_fraction} "
-            f"seed={self.seed}"
+            f"seed={self.seed}{captions}"
         )
 
     def splits(self) -> tuple[str, ...]:
@@ -294,7 +314,8 @@ class EmojiSource:
             image.save(buffer, format="PNG")
             yield {
                 "image": buffer.getvalue(),
-                "captions": [entry.name],
+                "captions": (caption_templates(entry) if self.captions == "templates"
+                             else [entry.name]),
                 "id": code,
                 "labels": {
                     "group": group_ids[entry.group],
@@ -326,6 +347,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--emoji-test-file", help=f"emoji-test.txt (default: {EMOJI_TEST_FILE})")
     group.add_argument("--emoji-font", help=f"font file (default: {FONT_FILE})")
+    group.add_argument("--emoji-captions", choices=CAPTION_KINDS,
+                       help="the CLDR name, or four phrasings of it per emoji (default: name)")
 
 
 ARG_DESTS = (
@@ -335,6 +358,7 @@ ARG_DESTS = (
     "emoji_background",
     "emoji_test_file",
     "emoji_font",
+    "emoji_captions",
 )
 
 
@@ -352,4 +376,5 @@ def from_args(args: argparse.Namespace) -> EmojiSource:
         background=pick(args.emoji_background, "white"),
         emoji_test_file=pick(args.emoji_test_file, EMOJI_TEST_FILE),
         font_file=pick(args.emoji_font, FONT_FILE),
+        captions=pick(args.emoji_captions, "name"),
     )
