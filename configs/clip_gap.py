@@ -16,7 +16,10 @@ L_CUAXU with `--config.loss.aux.cross_uniformity=1`.
 
     jaxclip train --config configs/clip_gap.py --workdir runs/clip_gap
 
-Measured effect against the demo: see docs/objectives.md.
+Measured against the demo, both cut to 300 steps (2-core shared CPU, 2026-12-07, one seed): val
+modality gap 0.057 -> 0.034, alignment 0.096 -> 0.081, uniformity -2.96 -> -2.74 (less uniform);
+val R@1 0.398 / 0.379 (i2t / t2i) -> 0.362 / 0.330, novel R@1 0.307 / 0.296 -> 0.267 / 0.243.
+The gap closes further, and retrieval is worse at this budget.
 """
 
 import importlib.util

@@ -423,14 +423,14 @@ def test_invgc_is_a_retrieval_evaluator_option():
     from jaxclip.evals.registry import resolve
 
     spec = resolve("x", dict(type="retrieval", postproc="invgc", r_g=0.5))
-    assert (spec["r_g"], spec["r_q"], spec["local_adj"], spec["pool_rate"]) == (0.5, 1.0, True,
+    assert (spec["r_g"], spec["r_q"], spec["local_adj"], spec["pool_rate"]) == (0.5, 0.1, True,
                                                                                0.01)
     bank_img, bank_txt = np.zeros((4, 2), np.float32), np.ones((4, 2), np.float32)
     built = evaluators._postprocessors(spec, bank_img, bank_txt)
     # t2i moves the image gallery against training captions (queries) and training images.
     assert built["t2i"].query_bank is bank_txt and built["t2i"].gallery_bank is bank_img
     assert built["i2t"].query_bank is bank_img and built["i2t"].gallery_bank is bank_txt
-    assert (built["t2i"].r_g, built["t2i"].r_q, built["t2i"].pool_rate) == (0.5, 1.0, 0.01)
+    assert (built["t2i"].r_g, built["t2i"].r_q, built["t2i"].pool_rate) == (0.5, 0.1, 0.01)
     for bad, message in ((dict(r_q=-1.0), "r_q must be a number >= 0"),
                          (dict(pool_rate=0.0), r"pool_rate must be in \(0, 1\]"),
                          (dict(local_adj="maybe"), "local_adj must be true or false")):
