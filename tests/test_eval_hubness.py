@@ -270,3 +270,169 @@ def test_skewness_hand_values():
     assert hubness.skewness([0, 0, 3]) == pytest.approx(2 / 2**1.5, rel=1e-12)
     assert hubness.skewness([5, 5, 5]) == 0.0
     assert hubness.skewness([3, 0, 0, 0, 0, 0]) > hubness.skewness([1, 1, 0, 1, 0, 0])
+
+
+# ----------------------------------------------------------------------------------------------
+# InvGC: the gallery moves away from its neighbours in two banks (float64 references).
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def ref_inverse_convolution(g, bank, r, local_adj, pool_rate):
+    s = sims(g, bank)
+    if local_adj:
+        k = max(1, int(pool_rate * len(bank)))
+        top = ref_topk(s, k)
+        w = np.zeros_like(s)
+        np.put_along_axis(w, top, np.take_along_axis(s, top, axis=1), axis=1)
+        message = w @ bank / k
+    else:
+        message = (s - s.mean()) @ bank / len(bank)
+    return unit(g - r * message)
+
+
+def ref_invgc(g, query_bank, gallery_bank, r_q, r_g, local_adj=True, pool_rate=0.01):
+    g = g.astype(np.float64)
+    moved_g = ref_inverse_convolution(g, gallery_bank.astype(np.float64), r_g, local_adj, pool_rate)
+    moved_q = ref_inverse_convolution(g, query_bank.astype(np.float64), r_q, local_adj, pool_rate)
+    return unit(0.5 * moved_g + 0.5 * moved_q)
+
+
+def cone(rng, n, d=16, spread=1.0, axis=None):
+    """Unit vectors crowded around a shared direction (the degenerate cone InvGC is for)."""
+    axis = np.ones(d) / np.sqrt(d) if axis is None else axis
+    return unit(rng.normal(size=(n, d)) * spread / np.sqrt(d) + axis).astype(np.float32)
+
+
+@needs_8
+@pytest.mark.parametrize("local_adj", [True, False], ids=["local_adj", "full_graph"])
+def test_invgc_matches_reference_and_shards(local_adj):
+    rng = np.random.default_rng(11)
+    gallery, qbank, gbank = cone(rng, 37), unit(rng.normal(size=(90, 16))), cone(rng, 70)
+    spec = hubness.InvGC(qbank.astype(np.float32), gbank, r_q=0.7, r_g=0.4, local_adj=local_adj,
+                         pool_rate=0.05)  # k = 4 of 90 query-bank rows, 3 of 70 gallery-bank rows
+    want = ref_invgc(gallery, qbank, gbank, 0.7, 0.4, local_adj, 0.05)
+    got = np.asarray(spec.rewrite_gallery(gallery, query_chunk=8))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=0, atol=1e-6)
+    sharded = np.asarray(spec.rewrite_gallery(gallery, mesh=mesh8(), query_chunk=5))
+    np.testing.assert_allclose(sharded, got, rtol=0, atol=1e-6)
+    # Scores are plain cosines against the moved gallery.
+    q = unit(rng.normal(size=(20, 16))).astype(np.float32)
+    np.testing.assert_allclose(hubness.postprocessed_scores(q, gallery, spec), sims(q, want),
+                               rtol=0, atol=2e-6)
+
+
+def test_invgc_with_rates_zero_is_the_identity():
+    rng = np.random.default_rng(12)
+    n_img = 40
+    t2i = np.repeat(np.arange(n_img), 2)
+    img = cone(rng, n_img)
+    txt = unit(img[t2i] + 0.5 * rng.normal(size=(2 * n_img, 16))).astype(np.float32)
+    banks = cone(rng, 60), unit(rng.normal(size=(50, 16))).astype(np.float32)
+    for local_adj in (True, False):
+        spec = hubness.InvGC(*banks, r_q=0.0, r_g=0.0, local_adj=local_adj)
+        np.testing.assert_array_equal(np.asarray(spec.rewrite_gallery(img)), img)
+        raw = retrieval.retrieval_metrics(img, txt, t2i, return_ranks=True)
+        got = retrieval.retrieval_metrics(img, txt, t2i, return_ranks=True,
+                                          postproc={"t2i": spec, "i2t": spec})
+        for key in raw:
+            np.testing.assert_array_equal(got[key], raw[key], err_msg=key)
+    # With one rate at zero only the other bank moves the gallery (the zero side stays g).
+    only_g = hubness.InvGC(*banks, r_q=0.0, r_g=0.8)
+    want = unit(0.5 * ref_inverse_convolution(img.astype(np.float64), banks[1], 0.8, True, 0.01)
+                + 0.5 * img)
+    np.testing.assert_allclose(np.asarray(only_g.rewrite_gallery(img)), want, rtol=0, atol=2e-6)
+
+
+def test_invgc_at_rate_one_removes_the_neighbour_component():
+    # One bank row b and k = 1: g' = normalize(g - r (g.b) b), so r = 1 projects b out of every g.
+    rng = np.random.default_rng(13)
+    gallery = cone(rng, 25)
+    b = unit(rng.normal(size=(1, 16)) + 0.5).astype(np.float32)
+    assert np.all(np.abs(gallery @ b.T) > 0.05)  # every item has a component along b
+    spec = hubness.InvGC(b, b, r_q=1.0, r_g=1.0, pool_rate=1.0)
+    moved = np.asarray(spec.rewrite_gallery(gallery))
+    np.testing.assert_allclose(moved @ b.T, 0.0, atol=1e-6)
+    # What is left of g is its part orthogonal to b.
+    rest = gallery - (gallery @ b.T) * b
+    np.testing.assert_allclose(moved, unit(rest), atol=2e-6)
+
+
+def test_invgc_spreads_a_crowded_gallery():
+    # The representation degeneration InvGC targets: items in a narrow cone. Banks drawn from the
+    # same distributions as the test gallery and its queries. This holds for LocalAdj (the
+    # default). The full graph's mean-centred weights do not spread a cone: its message is
+    # Cov_B g + mean(B) mean(B).(g - mean(G)), which shrinks how items differ and keeps what they
+    # share (here the mean cosine rises by about 0.01 at r = 1).
+    rng = np.random.default_rng(14)
+    axis = unit(rng.normal(size=16))
+    gallery, gbank = cone(rng, 80, spread=0.8, axis=axis), cone(rng, 300, spread=0.8, axis=axis)
+    qbank = cone(rng, 300, spread=1.5, axis=unit(axis + 0.5 * unit(rng.normal(size=16))))
+
+    def mean_offdiag_cosine(x):
+        s = sims(x, x)
+        return s[~np.eye(len(x), dtype=bool)].mean()
+
+    before = mean_offdiag_cosine(gallery)
+    moved = np.asarray(hubness.InvGC(qbank, gbank, r_q=1.0, r_g=1.0, pool_rate=0.05)
+                       .rewrite_gallery(gallery))
+    assert mean_offdiag_cosine(moved) < before - 0.2
+
+
+def _leaning_hubs(seed, n=200, d=32, n_hubs=10, lean=2.0):
+    """Captions share a direction u; a few images lean towards u and so are close to every
+    caption (hubs). The training banks have the same make-up: most images do not lean."""
+    rng = np.random.default_rng(seed)
+    u = unit(rng.normal(size=d))
+
+    def draw(m, m_lean):
+        z = unit(rng.normal(size=(m, d)))
+        txt = unit(z + 0.3 * rng.normal(size=(m, d)) + u)
+        img = unit(z + np.where(np.arange(m) < m_lean, lean, 0.0)[:, None] * u)
+        return img.astype(np.float32), txt.astype(np.float32)
+
+    img, txt = draw(n, n_hubs)
+    bank_img, bank_txt = draw(400, 2 * n_hubs)
+    return img, txt, bank_img, bank_txt
+
+
+def test_invgc_demotes_gallery_hubs():
+    # A hub sits in a crowded region of the gallery distribution: its nearest gallery-bank rows
+    # are close, so LocalAdj pushes it away hardest, while an ordinary item's neighbours are
+    # far and it barely moves. The paper's claim: fewer hubs, higher recall.
+    img, txt, bank_img, bank_txt = _leaning_hubs(0)
+    hubs, ids = np.arange(10), np.arange(len(img))
+    spec = hubness.InvGC(bank_txt, bank_img, r_q=2.0, r_g=2.0)
+    raw_n1 = hubness.k_occurrence(txt, img, 1)
+    inv_n1 = hubness.k_occurrence(txt, img, 1, postproc=spec)
+    assert raw_n1[hubs].sum() > 60  # ten images take more than 60 of the 200 top-1s
+    assert inv_n1[hubs].sum() < raw_n1[hubs].sum() / 4
+    raw_n10 = hubness.k_occurrence(txt, img, 10)
+    inv_n10 = hubness.k_occurrence(txt, img, 10, postproc=spec)
+    assert hubness.skewness(inv_n10) < hubness.skewness(raw_n10) - 1
+    raw_r1 = np.mean(retrieval.retrieval_ranks(txt, img, ids, ids) == 1)
+    gallery = spec.rewrite_gallery(img)
+    assert np.mean(retrieval.retrieval_ranks(txt, gallery, ids, ids) == 1) > raw_r1 + 0.05
+
+
+def test_invgc_is_a_retrieval_evaluator_option():
+    from jaxclip.evals import evaluators
+    from jaxclip.evals.registry import resolve
+
+    spec = resolve("x", dict(type="retrieval", postproc="invgc", r_g=0.5))
+    assert (spec["r_g"], spec["r_q"], spec["local_adj"], spec["pool_rate"]) == (0.5, 0.1, True,
+                                                                               0.01)
+    bank_img, bank_txt = np.zeros((4, 2), np.float32), np.ones((4, 2), np.float32)
+    built = evaluators._postprocessors(spec, bank_img, bank_txt)
+    # t2i moves the image gallery against training captions (queries) and training images.
+    assert built["t2i"].query_bank is bank_txt and built["t2i"].gallery_bank is bank_img
+    assert built["i2t"].query_bank is bank_img and built["i2t"].gallery_bank is bank_txt
+    assert (built["t2i"].r_g, built["t2i"].r_q, built["t2i"].pool_rate) == (0.5, 0.1, 0.01)
+    for bad, message in ((dict(r_q=-1.0), "r_q must be a number >= 0"),
+                         (dict(pool_rate=0.0), r"pool_rate must be in \(0, 1\]"),
+                         (dict(local_adj="maybe"), "local_adj must be true or false")):
+        with pytest.raises(ValueError, match=message):
+            resolve("x", dict(type="retrieval", postproc="invgc", **bad))

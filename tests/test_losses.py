@@ -154,3 +154,111 @@ def test_ring_loss_memory_stays_flat_as_the_global_batch_grows():
     assert gather[1] > 3.5 * gather[0]
     # No shard stores the other shards' embeddings: 4x the devices adds less than one b x d block.
     assert ring[1] - ring[0] < b * d * 4
+
+
+def _log_mean_exp(v):
+    return np.log(np.mean(np.exp(v)))
+
+
+def test_cross_uniformity_matches_numpy_reference():
+    rng = np.random.default_rng(3)
+    x, y = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in rng.normal(size=(2, 12, 5)))
+    enc = Encoded.of_pair(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32),
+                          jnp.float32(0.0))
+    got = losses.get("cross_uniformity").fn(enc, config.defaults().loss, None)[0]
+    d2 = np.sum((x[:, None, :] - y[None, :, :]) ** 2, axis=-1)  # float64
+    want = _log_mean_exp(-2.0 * d2[~np.eye(12, dtype=bool)])  # unmatched pairs only
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # The matched pairs (the diagonal) are not part of the mean.
+    assert float(got) != pytest.approx(_log_mean_exp(-2.0 * d2.ravel()), rel=1e-3)
+
+
+def test_modality_gap_is_logged_without_gradient_and_matches_numpy():
+    rng = np.random.default_rng(4)
+    x, y = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in rng.normal(size=(2, 10, 6)))
+    y = y + 0.5  # an offset between the modalities' centroids
+    cfg = config.defaults().loss
+    fn = losses.total_objective(cfg)
+
+    def gap(a, b):
+        return fn(Encoded.of_pair(a, b, jnp.float32(2.0)), axis=None)[1]["modality_gap"]
+
+    a, b = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+    np.testing.assert_allclose(gap(a, b), np.linalg.norm(x.mean(0) - y.mean(0)), rtol=1e-6)
+    for g in jax.grad(gap, argnums=(0, 1))(a, b):
+        np.testing.assert_array_equal(g, 0.0)
+
+
+@pytest.mark.parametrize("impl", ["all_gather", "ring"])
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_sharded_geometry_terms_and_gap_equal_single_device(impl, shape):
+    img, txt = _random_embeddings(seed=5)
+    scale, bias = jnp.float32(2.3), jnp.float32(0.0)
+    cfg = config.defaults().loss
+    cfg.aux = {"align": 0.3, "cross_uniformity": 0.7}
+    dense_cfg = cfg.copy_and_resolve_references()
+    dense_cfg.impl = "dense"
+    dense = losses.objective_over_mesh(dense_cfg, None)
+    ref_v, ref_g = _value_and_grads(dense, img, txt, scale, bias)
+    ref_metrics = jax.jit(lambda a, b: dense(Encoded.of_pair(a, b, scale, bias))[1])(img, txt)
+    cfg.impl = impl
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
+    put = functools.partial(jax.device_put, device=sharding.batch_sharding(mesh))
+    sharded = losses.objective_over_mesh(cfg, mesh)
+    v, g = _value_and_grads(sharded, put(img), put(txt), scale, bias)
+    metrics = jax.jit(lambda a, b: sharded(Encoded.of_pair(a, b, scale, bias))[1])(put(img),
+                                                                                  put(txt))
+    np.testing.assert_allclose(v, ref_v, rtol=1e-6)
+    for name_, a, b in zip(("image", "text", "scale"), g, ref_g):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5, err_msg=name_)
+    assert set(metrics) == set(ref_metrics) >= {"loss_align", "loss_cross_uniformity",
+                                                "modality_gap"}
+    for key in ref_metrics:
+        np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
+    x, y = np.asarray(img, np.float64), np.asarray(txt, np.float64)
+    np.testing.assert_allclose(metrics["modality_gap"], np.linalg.norm(x.mean(0) - y.mean(0)),
+                               rtol=1e-5)
+
+
+def test_clip_gap_config_trains_and_logs_the_gap(tmp_path, monkeypatch):
+    import os
+
+    from jaxclip import train
+    from jaxclip.metrics import read_metrics
+
+    monkeypatch.setenv("JAXCLIP_CACHE", str(tmp_path / "cache"))
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "clip_gap.py")
+    cfg = config.load(path, ["train.steps=2", "train.batch_size=8", "train.log_every=1",
+                             "train.progress=false", "model.image.depth=1", "model.text.depth=1",
+                             "evals={}", "data.train.dataset=shapes_small"])
+    assert dict(cfg.loss.aux) == {"align": 1.0, "uniformity": 1.0} and not cfg.loss.learn_scale
+    train.train(cfg, str(tmp_path / "run"))
+    logged = [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
+    assert len(logged) == 2
+    for record in logged:
+        for key in ("loss", "loss_clip", "loss_align", "loss_uniformity", "modality_gap"):
+            assert np.isfinite(record[key]), key
+        assert record["logit_scale"] == pytest.approx(math.log(100), abs=1e-6)  # fixed
+        assert 0 < record["modality_gap"] < 2
+
+
+def test_modality_gap_psum_is_ordered_against_the_ring_loops():
+    # Without auxiliary terms nothing else ties the gap's psum to the ring: it has no backward
+    # pass, so unless it feeds the ring's inputs it may run beside the backward ring loop
+    # (jaxclip.losses.core.after says why that can hang on XLA:CPU).
+    from tests.test_losses_ring import _unordered_loop_collectives
+
+    img, txt = _random_embeddings()
+    cfg = config.defaults().loss
+    cfg.impl, cfg.tile = "ring", 2
+    mesh = sharding.make_mesh(dict(data=8, fsdp=1, tensor=1))
+    fn = losses.objective_over_mesh(cfg, mesh)
+    put = functools.partial(jax.device_put, device=sharding.batch_sharding(mesh))
+
+    def step(a, t, s):
+        return jax.value_and_grad(lambda *e: fn(Encoded.of_pair(*e)), argnums=(0, 1, 2),
+                                  has_aux=True)(a, t, s)
+
+    hlo = jax.jit(step).lower(put(img), put(txt), jnp.float32(2.3)).compile().as_text()
+    assert hlo.count(" while(") >= 2
+    assert _unordered_loop_collectives(hlo) == []

@@ -95,8 +95,8 @@ def test_ring_metrics_equal_all_gather_metrics(name):
     for img, txt in (random, tied):
         ref = _metrics(name, "all_gather", img, txt, mesh)
         got = _metrics(name, "ring", img, txt, mesh)
-        want_keys = {"i2t_acc", "pos_logit", "neg_logit"} | ({"t2i_acc"} if name == "clip"
-                                                               else set())
+        want_keys = {"i2t_acc", "pos_logit", "neg_logit", "modality_gap"} | (
+            {"t2i_acc"} if name == "clip" else set())
         assert set(got) == set(ref) == want_keys
         for key in ref:
             # neg_logit is a closed-form difference of sums on the ring: compare absolutely.

@@ -319,11 +319,18 @@ def retrieval_ranks(
     return np.asarray(rank0).astype(np.int64) + 1
 
 
-def prepare_postproc(postproc, gallery_emb, mesh, query_chunk) -> ScoreNorm | None:
-    """postproc.prepare(gallery) for a post-processor spec; None stays None."""
+def apply_postproc(postproc, gallery_emb, mesh, query_chunk) -> tuple[Any, ScoreNorm | None]:
+    """(the gallery to score against, its ScoreNorm or None) for a post-processor spec.
+
+    A score normaliser (QB-Norm, DBNorm, a ScoreNorm) keeps the gallery and returns
+    postproc.prepare(gallery); a gallery rewriter (InvGC) returns postproc.rewrite_gallery(gallery)
+    and plain scores. None leaves both as they are.
+    """
     if postproc is None:
-        return None
-    return postproc.prepare(gallery_emb, mesh=mesh, query_chunk=query_chunk)
+        return gallery_emb, None
+    if hasattr(postproc, "rewrite_gallery"):
+        return postproc.rewrite_gallery(gallery_emb, mesh=mesh, query_chunk=query_chunk), None
+    return gallery_emb, postproc.prepare(gallery_emb, mesh=mesh, query_chunk=query_chunk)
 
 
 def rank_summary(ranks: np.ndarray, ks: Sequence[int], prefix: str) -> dict[str, float]:
@@ -355,8 +362,9 @@ def retrieval_metrics(
     top k); t2i: the rank of the caption's image. Ranks are 1-based, ties broken by gallery index
     (stable descending sort). R@k are fractions in [0, 1].
     postproc: optional {"i2t": pp, "t2i": pp}; each pp has prepare(gallery_emb, *, mesh,
-    query_chunk) -> ScoreNorm (hubness.QBNorm, hubness.DBNorm, or a ScoreNorm) and is built with
-    banks of that direction's modalities (t2i: a text query bank, an image gallery bank).
+    query_chunk) -> ScoreNorm (hubness.QBNorm, hubness.DBNorm, or a ScoreNorm) or
+    rewrite_gallery(gallery_emb, *, mesh, query_chunk) -> gallery (hubness.InvGC), and is built
+    with banks of that direction's modalities (t2i: a text query bank, an image gallery bank).
     return_ranks adds "i2t_ranks" (per image) and "t2i_ranks" (per caption) as numpy arrays.
     """
     postproc = dict(postproc or {})
@@ -374,13 +382,15 @@ def retrieval_metrics(
         raise ValueError(f"{uncaptioned.size} images have no caption, e.g. {uncaptioned[:5]}")
 
     img_ids = np.arange(n_img)
+    text_gallery, text_norm = apply_postproc(postproc.get("i2t"), text_emb, mesh, query_chunk)
     i2t_ranks = retrieval_ranks(
-        image_emb, text_emb, img_ids, t2i, query_chunk=query_chunk, mesh=mesh,
-        score_norm=prepare_postproc(postproc.get("i2t"), text_emb, mesh, query_chunk),
+        image_emb, text_gallery, img_ids, t2i, query_chunk=query_chunk, mesh=mesh,
+        score_norm=text_norm,
     )  # fmt: skip
+    image_gallery, image_norm = apply_postproc(postproc.get("t2i"), image_emb, mesh, query_chunk)
     t2i_ranks = retrieval_ranks(
-        text_emb, image_emb, t2i, img_ids, query_chunk=query_chunk, mesh=mesh,
-        score_norm=prepare_postproc(postproc.get("t2i"), image_emb, mesh, query_chunk),
+        text_emb, image_gallery, t2i, img_ids, query_chunk=query_chunk, mesh=mesh,
+        score_norm=image_norm,
     )  # fmt: skip
     out: dict[str, Any] = rank_summary(i2t_ranks, ks, "i2t") | rank_summary(t2i_ranks, ks, "t2i")
     if return_ranks:

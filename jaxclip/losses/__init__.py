@@ -135,8 +135,14 @@ def total_objective(loss_cfg):
 
     def fn(enc, axis):
         enc = enc.contrasting(pair)
+        # A diagnostic of every objective, without gradient. It has no backward pass to order
+        # against the ring's backward loop, so its psum goes first and the ring's embeddings
+        # read it (core.after): then it precedes both ring loops.
+        gap = geometry.modality_gap(*jax.lax.stop_gradient((enc.x, enc.y)), axis)
+        if loss_cfg.impl == "ring":
+            enc = enc.with_pair(*after((enc.x, enc.y), gap, axis))
         loss, metrics = main.fn(enc, loss_cfg, axis)
-        metrics = dict(metrics)
+        metrics = dict(metrics, modality_gap=gap)
         if aux:
             metrics[f"loss_{loss_cfg.name}"] = loss
         for name, (objective, weight) in aux.items():
