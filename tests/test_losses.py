@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxclip import config, losses, sharding
+from jaxclip.losses import geometry
 from jaxclip.models import Encoded, l2_normalize
 
 B = 4
@@ -187,6 +188,14 @@ def test_modality_gap_is_logged_without_gradient_and_matches_numpy():
     np.testing.assert_allclose(gap(a, b), np.linalg.norm(x.mean(0) - y.mean(0)), rtol=1e-6)
     for g in jax.grad(gap, argnums=(0, 1))(a, b):
         np.testing.assert_array_equal(g, 0.0)
+
+
+def test_modality_gap_with_k_captions_leaves_the_absent_ones_out():
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(4, 6)), rng.normal(size=(4, 3, 6))
+    present = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]], bool)
+    got = geometry.modality_gap(jnp.asarray(x), jnp.asarray(y), None, None, jnp.asarray(present))
+    np.testing.assert_allclose(got, np.linalg.norm(x.mean(0) - y[present].mean(0)), rtol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["all_gather", "ring"])

@@ -138,7 +138,8 @@ def total_objective(loss_cfg):
         # A diagnostic of every objective, without gradient. It has no backward pass to order
         # against the ring's backward loop, so its psum goes first and the ring's embeddings
         # read it (core.after): then it precedes both ring loops.
-        gap = geometry.modality_gap(*jax.lax.stop_gradient((enc.x, enc.y)), axis)
+        gap = geometry.modality_gap(*jax.lax.stop_gradient((enc.x, enc.y)), axis,
+                                    enc.x_present, enc.y_present)
         if loss_cfg.impl == "ring":
             enc = enc.with_pair(*after((enc.x, enc.y), gap, axis))
         loss, metrics = main.fn(enc, loss_cfg, axis)

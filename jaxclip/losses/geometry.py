@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxclip.losses.core import gather, mean_over, num_shards, register, shard_index, sum_over
+from jaxclip.losses.core import gather, mean_over, register, shard_index, sum_over
 
 _T = 2.0  # uniformity temperature t of the paper
 
@@ -56,14 +56,22 @@ def cross_uniformity(enc, cfg, axis):
     return _log_mean_offdiag_kernel(enc.x, gather(enc.y, axis), axis, True), {}
 
 
-def modality_gap(x: jax.Array, y: jax.Array, axis=None) -> jax.Array:
+def modality_gap(x: jax.Array, y: jax.Array, axis=None, x_present=None, y_present=None):
     """||mean x - mean y|| over the global batch: the distance between the two modalities'
     centroids, which "Mind the Gap" (Liang et al., 2022) measures in CLIP and the alignment and
     uniformity terms above are meant to shrink.
 
-    One psum of a d-vector: the shards' sums of x - y add up to B times the centroid difference,
-    so no shard needs another's rows. A diagnostic: callers pass stop-gradient inputs.
+    Embeddings are (B, D), or (B, K, D) with K inputs per row and a (B, K) `present` mask (the
+    absent ones are left out). One psum of the two tower sums and counts, so no shard needs
+    another's rows. A diagnostic: callers pass stop-gradient inputs.
     """
-    diff = jnp.sum(x.astype(jnp.float32) - y.astype(jnp.float32), axis=0)
-    rows = x.shape[0] * num_shards(axis)
-    return jnp.linalg.norm(sum_over(diff, axis) / rows)
+
+    def sum_and_count(e, present):
+        e = e.astype(jnp.float32).reshape(-1, e.shape[-1])
+        w = (jnp.ones(e.shape[0], jnp.float32) if present is None
+             else present.reshape(-1).astype(jnp.float32))
+        return jnp.concatenate([w @ e, w.sum()[None]])
+
+    total = sum_over(jnp.stack([sum_and_count(x, x_present), sum_and_count(y, y_present)]), axis)
+    centroids = total[:, :-1] / jnp.maximum(total[:, -1:], 1.0)
+    return jnp.linalg.norm(centroids[0] - centroids[1])
