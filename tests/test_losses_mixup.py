@@ -84,7 +84,7 @@ def test_the_ratio_is_a_function_of_the_key_alone():
         mixing_ratio(None, 0.5)
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(2, 4, 1)], ids=lambda s: "x".join(map(str, s)))
 def test_sharded_equals_single_device_with_clip(shape):
     rng = np.random.default_rng(4)
     x, y = jnp.asarray(_unit(rng, 32, 8)), jnp.asarray(_unit(rng, 32, 8))
