@@ -38,14 +38,14 @@ def _direction_factor(cfg) -> float:
     return 0.5 if cfg.clip.direction_reduce == "mean" else 1.0
 
 
-def _smoothed_ce(logits: jax.Array, labels: jax.Array, eps: float) -> jax.Array:
+def smoothed_ce(logits: jax.Array, labels: jax.Array, eps: float) -> jax.Array:
     """Per-row cross entropy against (1 - eps)·onehot + eps / num_columns."""
     logp = jax.nn.log_softmax(logits, axis=-1)
     pos = jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
     return -(1.0 - eps) * pos - eps * logp.mean(axis=-1)
 
 
-def _batch_stats(logits: jax.Array, labels: jax.Array, axis) -> dict[str, jax.Array]:
+def batch_stats(logits: jax.Array, labels: jax.Array, axis) -> dict[str, jax.Array]:
     pos_mask = jnp.arange(logits.shape[1])[None, :] == labels[:, None]
     n_neg = jnp.maximum(pos_mask.size - pos_mask.sum(), 1)
     return {
@@ -63,9 +63,9 @@ def _clip_all_gather(enc, cfg, axis):
     logits_i2t = scale * img @ gather(txt, axis).T  # (b, B): this shard's images vs all texts
     logits_t2i = scale * txt @ gather(img, axis).T  # (b, B): this shard's texts vs all images
     eps = cfg.clip.label_smoothing
-    per_row = _smoothed_ce(logits_i2t, labels, eps) + _smoothed_ce(logits_t2i, labels, eps)
+    per_row = smoothed_ce(logits_i2t, labels, eps) + smoothed_ce(logits_t2i, labels, eps)
     loss = mean_over(per_row.mean(), axis) * _direction_factor(cfg)
-    metrics = _batch_stats(logits_i2t, labels, axis)
+    metrics = batch_stats(logits_i2t, labels, axis)
     metrics["t2i_acc"] = mean_over(jnp.mean(jnp.argmax(logits_t2i, -1) == labels), axis)
     return loss, metrics
 
@@ -161,4 +161,4 @@ def siglip(enc, cfg, axis):
     logits = scale * img @ gather(txt, axis).T + bias  # (b, B)
     z = jnp.where(jnp.arange(logits.shape[1])[None, :] == labels[:, None], 1.0, -1.0)
     per_row = jax.nn.softplus(-z * logits).sum(-1)
-    return mean_over(per_row.mean(), axis), _batch_stats(logits, labels, axis)
+    return mean_over(per_row.mean(), axis), batch_stats(logits, labels, axis)

@@ -41,7 +41,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxclip.losses.contrastive import _batch_stats, _smoothed_ce
+from jaxclip.losses.contrastive import batch_stats, smoothed_ce
 from jaxclip.losses.core import gather, mean_over, register, scale_value, shard_index
 
 COMM_DTYPES = ("float32", "bfloat16", "float16")
@@ -150,9 +150,9 @@ def filip(enc, cfg, axis):
     b = x.shape[0]
     labels = jnp.arange(b) + b * shard_index(axis)
     eps = own.label_smoothing
-    per_row = _smoothed_ce(logits_xy, labels, eps) + _smoothed_ce(logits_yx, labels, eps)
+    per_row = smoothed_ce(logits_xy, labels, eps) + smoothed_ce(logits_yx, labels, eps)
     loss = 0.5 * mean_over(per_row.mean(), axis)
-    metrics = _batch_stats(logits_xy, labels, axis)
+    metrics = batch_stats(logits_xy, labels, axis)
     metrics["t2i_acc"] = mean_over(jnp.mean(jnp.argmax(logits_yx, -1) == labels), axis)
     for modality, mask in zip(enc.pair, (x_mask, y_mask)):
         metrics[f"{modality}_tokens_kept"] = mean_over(jnp.sum(mask, -1).mean(), axis)

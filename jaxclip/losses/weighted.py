@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxclip.losses.contrastive import _batch_stats, _smoothed_ce
+from jaxclip.losses.contrastive import batch_stats, smoothed_ce
 from jaxclip.losses.core import gather, mean_over, register, scale_value, shard_index
 
 
@@ -55,12 +55,12 @@ def cwcl(enc, cfg, axis):
     b = frozen.shape[0]
     labels = jnp.arange(b) + b * shard_index(axis)
     back = (weighted_cross_entropy(logits_tf, weights) if own.bidirectional
-            else _smoothed_ce(logits_tf, labels, 0.0))
+            else smoothed_ce(logits_tf, labels, 0.0))
     per_row = weighted_cross_entropy(logits_ft, weights) + back
     loss = 0.5 * mean_over(per_row.mean(), axis)
     # Metrics in the pair's orientation, like CLIP's (i2t: rows of loss.pair[0]).
     logits_xy, logits_yx = (logits_ft, logits_tf) if frozen_first else (logits_tf, logits_ft)
-    metrics = _batch_stats(logits_xy, labels, axis)
+    metrics = batch_stats(logits_xy, labels, axis)
     metrics["t2i_acc"] = mean_over(jnp.mean(jnp.argmax(logits_yx, -1) == labels), axis)
     # How much of each row's target stays on its own pair (1 under CLIP; 1/B if the frozen tower
     # sees every sample as the same).
