@@ -60,3 +60,12 @@ def jitted(model, method="__call__", **kwargs):
         return getattr(nnx.merge(graphdef, params), method)(*args, **kwargs)
 
     return lambda *args: run(params, *args)
+
+
+def run_steps(step, state, batch, n: int = 2):
+    """(losses of n steps on one batch, final parameters on the host)."""
+    losses = []
+    for _ in range(n):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state.params)

@@ -10,7 +10,7 @@ from flax import nnx
 from jaxclip import accumulate, config, losses, sharding, train, tree
 from jaxclip.data.images import normalize_images
 from jaxclip.models.two_tower import l2_normalize
-from tests.helpers import random_batch
+from tests.helpers import random_batch, run_steps
 
 # The demo experiment shrunk to one block per tower; a 4 x 2 data x fsdp mesh, so the
 # micro-batches must follow a batch split over two mesh axes and the gradients are fsdp-sharded.
@@ -203,12 +203,7 @@ def test_the_trainers_step_with_microbatches_updates_like_the_full_batch():
     results = []
     for k in (1, 4):
         _, m, state, batch = _setup([f"train.microbatches={k}"])
-        step = train.make_train_step(m)
-        losses_k = []
-        for _ in range(2):
-            state, metrics = step(state, batch)
-            losses_k.append(float(metrics["loss"]))
-        results.append((losses_k, jax.device_get(state.params)))
+        results.append(run_steps(train.make_train_step(m), state, batch))
     (loss1, params1), (loss4, params4) = results
     np.testing.assert_allclose(loss4, loss1, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(params4), jax.tree.leaves(params1), strict=True):

@@ -13,7 +13,7 @@ from jaxclip import config, losses, sharding, train
 from jaxclip.data import build, pipeline
 from jaxclip.metrics import read_metrics
 from jaxclip.models.two_tower import l2_normalize
-from tests.helpers import random_tokens
+from tests.helpers import random_tokens, run_steps
 from tests.test_accumulate import TINY
 from tests.test_pipeline import WordTokenizer
 
@@ -234,13 +234,8 @@ def test_microbatches_give_the_full_batchs_k_caption_step():
         cfg = config.load(DEMO, [*lines, f"train.microbatches={k}"])
         mesh = sharding.make_mesh(cfg.mesh)
         m = train.build(cfg, mesh)
-        state, step = train.init_state(m), train.make_train_step(m)
         batch = sharding.global_batch(host, mesh)
-        logged = []
-        for _ in range(2):
-            state, metrics = step(state, batch)
-            logged.append(float(metrics["loss"]))
-        results.append((logged, jax.device_get(state.params)))
+        results.append(run_steps(train.make_train_step(m), train.init_state(m), batch))
     (loss1, params1), (loss2, params2) = results
     np.testing.assert_allclose(loss2, loss1, rtol=1e-5)
     assert loss1[0] != loss1[1]
