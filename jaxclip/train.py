@@ -241,6 +241,7 @@ def preflight(cfg) -> dict:
 
     try:
         losses.total_objective(cfg.loss)
+        losses.check_config(cfg)
     except (KeyError, ValueError) as e:
         raise config.ConfigError(f"loss: {e.args[0] if e.args else e}") from None
     _check_caption_sets(cfg)

