@@ -22,7 +22,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxclip.losses.ring import vary
+from jaxclip.losses.ring import after, vary  # noqa: F401  (after: part of this API)
 
 Axis = str | tuple[str, ...] | None
 
@@ -100,31 +100,6 @@ def mean_over(x: jax.Array, axis: Axis) -> jax.Array:
 
 def sum_over(x: jax.Array, axis: Axis) -> jax.Array:
     return x if axis is None else jax.lax.psum(x, axis)
-
-
-def after(tree, dep, axis: Axis):
-    """`tree` (floating arrays varying over `axis`) unchanged, but computed from `dep`.
-
-    Use it to order a collective against a loop of collectives (the ring). XLA:CPU orders
-    collectives only by start: a loop finishes asynchronously once its body hands work to the
-    thread pool, so a collective with no data path from the loop may start while the loop's
-    collectives still wait in their rendezvous. With several devices in one process this hangs
-    (jax 0.10.2 aborted after 40 s). Only a value the later ops really read orders them at run
-    time; an optimization_barrier orders the HLO schedule but adds no read.
-
-    What is added is -0.0 computed from `dep`: x + (-0.0) == x for every x, and XLA does not fold
-    0·s away for floats (it is NaN for infinite s), so the read survives. The cotangent of `dep`
-    is an exact zero computed from the cotangent of `tree`, which orders the backward pass the
-    other way round; pass `stop_gradient(dep)` where that is not wanted. An invariant `dep` with a
-    gradient costs one scalar all-reduce in the backward pass (its varying cotangent is summed).
-    """
-    if axis is None:
-        return tree
-    s = sum(jnp.sum(d.astype(jnp.float32)) for d in jax.tree.leaves(dep))
-    # Always -0.0; the select keeps an infinite or NaN `dep` from turning it into NaN.
-    zero = jnp.where(jnp.isfinite(s), -(jnp.abs(s) * 0.0), -0.0)
-    zero = vary(zero, axis)
-    return jax.tree.map(lambda v: v + zero.astype(v.dtype), tree)
 
 
 def ring_shift(x: jax.Array, axis: Axis, n: int) -> jax.Array:

@@ -187,6 +187,31 @@ def _ring_bwd(kind, axis, n, tile, x, y, s, bias, row_red, col_red, g_row, g_col
     return dx, dy, ds, db
 
 
+def after(tree, dep, axis):
+    """`tree` (floating arrays varying over `axis`) unchanged, but computed from `dep`.
+
+    Use it to order a collective against a loop of collectives (the ring). XLA:CPU orders
+    collectives only by start: a loop finishes asynchronously once its body hands work to the
+    thread pool, so a collective with no data path from the loop may start while the loop's
+    collectives still wait in their rendezvous. With several devices in one process this hangs
+    (jax 0.10.2 aborted after 40 s). Only a value the later ops really read orders them at run
+    time; an optimization_barrier orders the HLO schedule but adds no read.
+
+    What is added is -0.0 computed from `dep`: x + (-0.0) == x for every x, and XLA does not fold
+    0·s away for floats (it is NaN for infinite s), so the read survives. The cotangent of `dep`
+    is an exact zero computed from the cotangent of `tree`, which orders the backward pass the
+    other way round; pass `stop_gradient(dep)` where that is not wanted. An invariant `dep` with a
+    gradient costs one scalar all-reduce in the backward pass (its varying cotangent is summed).
+    """
+    if axis is None:
+        return tree
+    s = sum(jnp.sum(d.astype(jnp.float32)) for d in jax.tree.leaves(dep))
+    # Always -0.0; the select keeps an infinite or NaN `dep` from turning it into NaN.
+    zero = jnp.where(jnp.isfinite(s), -(jnp.abs(s) * 0.0), -0.0)
+    zero = vary(zero, axis)
+    return jax.tree.map(lambda v: v + zero.astype(v.dtype), tree)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def ring_stats(kind, axis, n, tile, x, y, s, bias):
     """((row_red, row_max, row_idx), (col_red, col_max, col_idx)) of L = s·x·Yᵀ + bias over the
@@ -207,6 +232,9 @@ def _stats_fwd(kind, axis, n, tile, x, y, s, bias):
 
 def _stats_bwd(kind, axis, n, tile, res, cot):
     x, y, s, bias, row_red, col_red = res
+    # The sigmoid's backward reads nothing the forward loop computed (its row sums are not
+    # needed), so without this read the two loops could run side by side (see `after`).
+    x = after(x, row_red, axis)
     (g_row, _, _), col_cot = cot
     g_col = col_cot[0] if col_cot else None
     if kind == "softmax":
