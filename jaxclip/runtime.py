@@ -8,6 +8,7 @@ evaluators, `jaxclip eval`, export and `jaxclip.load`. None of them needs the tr
     cfg, params, step = runtime.restore(workdir)   # a checkpoint's parameters, optimizer unread
     params = runtime.place_params(tree, lay)   # any full parameter tree, checked and placed
     encode_image, encode_text = runtime.encoders(lay)   # compiled once per layout
+    image_tokens, text_tokens = runtime.token_encoders(lay)   # per-token features (FILIP)
     encode_pixels, encode_tokens = runtime.local_encoders(cfg.model)   # jaxclip.load's
 """
 
@@ -26,6 +27,7 @@ from flax import nnx
 
 from jaxclip import checkpoint, config, optim, sharding, tree
 from jaxclip.data.images import normalize_images
+from jaxclip.losses.tokenwise import pack_token_sets
 from jaxclip.models import TwoTower, build_model
 
 
@@ -107,6 +109,26 @@ def encoders(lay: Layout) -> tuple[Callable, Callable]:
 
     kw = dict(in_shardings=(lay.param_shardings, batch_sh), out_shardings=batch_sh)
     return jax.jit(encode_image, **kw), jax.jit(encode_text, **kw)
+
+
+@functools.lru_cache(maxsize=4)
+def token_encoders(lay: Layout) -> tuple[Callable, Callable]:
+    """As `encoders`, but each returns the input's token features (image: patch tokens, text:
+    word tokens), L2-normalised per token, packed with their mask as (B, T, D + 1) token sets
+    (`losses.tokenwise.pack_token_sets`): what late-interaction (FILIP) retrieval scores."""
+    cfg = lay.cfg
+    batch_sh = sharding.batch_sharding(lay.mesh)
+
+    def encode(modality, params, inputs):
+        if modality == "image":
+            inputs = normalize_images(inputs, cfg.data.mean, cfg.data.std)
+        _, tokens, mask = nnx.merge(lay.graphdef, params).encode(modality, inputs,
+                                                                 return_tokens=True)
+        return pack_token_sets(tokens, mask)
+
+    kw = dict(in_shardings=(lay.param_shardings, batch_sh), out_shardings=batch_sh)
+    return (jax.jit(functools.partial(encode, "image"), **kw),
+            jax.jit(functools.partial(encode, "text"), **kw))
 
 
 def local_encoders(model_cfg) -> tuple[Callable, Callable]:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxclip import config, losses, sharding, train
+from jaxclip import config, evals, losses, runtime, sharding, train
 from jaxclip.losses import tokenwise
 from jaxclip.metrics import read_metrics
 from jaxclip.models import Encoded, l2_normalize
@@ -234,3 +234,13 @@ def test_filip_demo_trains(tmp_path, monkeypatch):
     logged = [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
     assert len(logged) == 2 and all(np.isfinite(r["loss"]) for r in logged)
     assert logged[0]["image_tokens_kept"] > 0 and "t2i_acc" in logged[0]
+    # The trained model scored as it was trained: late-interaction retrieval over token sets.
+    cfg_eval, params, _ = runtime.restore(str(tmp_path / "run"))
+    cfg_eval.evals = {"late": dict(type="retrieval", split="val", max_examples=24, scoring="late",
+                                   query_chunk=5),
+                      "pooled": dict(type="retrieval", split="val", max_examples=24)}
+    got = evals.evaluate(cfg_eval, params)
+    for kind in ("late", "pooled"):
+        assert 1 <= got[f"eval/{kind}/i2t_mean_rank"] <= 24
+        assert 0 <= got[f"eval/{kind}/t2i_r10"] <= 1
+    assert got["eval/late/i2t_mean_rank"] != got["eval/pooled/i2t_mean_rank"]

@@ -45,6 +45,10 @@ class Context:
     encode_image: Callable  # (params, uint8 images (E, H, W, 3)) -> (E, D), batch-sharded
     encode_text: Callable  # (params, int32 tokens (E, T)) -> (E, D)
     tokenizer: Any
+    # (params, inputs) -> packed token sets (B, T, D + 1), for late-interaction scoring; built
+    # only when an evaluator asks for it (runtime.token_encoders).
+    encode_image_tokens: Callable | None = None
+    encode_text_tokens: Callable | None = None
     cache: dict = dataclasses.field(default_factory=dict)  # for the whole run (data, tokens)
     call_cache: dict = dataclasses.field(default_factory=dict)  # for one evaluation call
 
@@ -83,7 +87,9 @@ class Evaluators:
         self._ctx = None
         if self.specs:
             enc_img, enc_txt = runtime.encoders(layout)
-            self._ctx = Context(cfg, layout.mesh, enc_img, enc_txt, tokenizer)
+            late = any(spec.get("scoring") == "late" for spec in self.specs.values())
+            tok_img, tok_txt = runtime.token_encoders(layout) if late else (None, None)
+            self._ctx = Context(cfg, layout.mesh, enc_img, enc_txt, tokenizer, tok_img, tok_txt)
 
     @property
     def context(self) -> Context | None:

@@ -23,6 +23,10 @@ retrieval   image<->text R@k (`ks`, default 1/5/10), mean and median rank over `
                            of the bank (0.01)
     geometry      adds modality_gap, alignment, uniformity_image/_text, uniformity_loss
     skew_k        > 0 adds the skewness of the k-occurrence counts, `t2i_skew10` (hubness)
+    scoring       pooled (cosine of the pooled embeddings) | late: FILIP's token-wise late
+                  interaction over the towers' token features, as `loss.name = filip` trains
+                  (image queries by s^I, caption queries by s^T); it keeps N x T x D token sets
+                  of the split on the host, and cannot be combined with postproc/geometry/skew_k
     mrv           adds `t2i_mrv`, the Mean Rank Variance (`mrv_reduce` var | std) of each image's
                   caption ranks, when every record has the same number (> 1) of captions
 zeroshot    top-k accuracy (`top1`, `top5`) of `split`'s images against a classifier built from
@@ -173,23 +177,29 @@ def tokens_of(ctx, data: EvalSet) -> np.ndarray:
     return ctx.cache[key]
 
 
-def image_embeddings(ctx, params, data: EvalSet, batch_size: int) -> np.ndarray:
-    """(N, D) image embeddings of a split, cached for the current evaluation call."""
-    key = ("image_emb", data.key, batch_size)
+def image_embeddings(ctx, params, data: EvalSet, batch_size: int, *,
+                     token_sets: bool = False) -> np.ndarray:
+    """(N, D) image embeddings of a split, cached for the current evaluation call; with
+    token_sets, (N, T, D + 1) packed patch-token sets (losses.tokenwise.pack_token_sets)."""
+    key = ("image_emb", data.key, batch_size, token_sets)
     if key not in ctx.call_cache:
+        encode = ctx.encode_image_tokens if token_sets else ctx.encode_image
         # Whole global batches per chunk, so streaming pads no more than the cached path does.
         rows = ctx.global_batch(batch_size) * 8
-        parts = [ctx.embed(ctx.encode_image, params, chunk, batch_size)
+        parts = [ctx.embed(encode, params, chunk, batch_size)
                  for chunk in data.image_chunks(rows)]
         ctx.call_cache[key] = np.concatenate(parts)
     return ctx.call_cache[key]
 
 
-def text_embeddings(ctx, params, data: EvalSet, batch_size: int) -> np.ndarray:
-    """(M, D) embeddings of every caption, cached for the current evaluation call."""
-    key = ("text_emb", data.key, batch_size)
+def text_embeddings(ctx, params, data: EvalSet, batch_size: int, *,
+                    token_sets: bool = False) -> np.ndarray:
+    """(M, D) embeddings of every caption, cached for the current evaluation call; with
+    token_sets, (M, T, D + 1) packed word-token sets."""
+    key = ("text_emb", data.key, batch_size, token_sets)
     if key not in ctx.call_cache:
-        ctx.call_cache[key] = ctx.embed(ctx.encode_text, params, tokens_of(ctx, data), batch_size)
+        encode = ctx.encode_text_tokens if token_sets else ctx.encode_text
+        ctx.call_cache[key] = ctx.embed(encode, params, tokens_of(ctx, data), batch_size)
     return ctx.call_cache[key]
 
 
@@ -229,6 +239,10 @@ def _check_common(where: str, spec) -> None:
 
 
 POSTPROCS = ("none", "qbnorm", "dbnorm", "invgc")
+SCORINGS = ("pooled", "late")
+# Late interaction scores a (query chunk x gallery shard) block through (chunk, G, Tq, Tg) token
+# similarities; the query chunk shrinks to keep that block under this many floats (128 MB).
+LATE_BLOCK_FLOATS = 1 << 25
 
 
 def _check_retrieval(where: str, spec) -> None:
@@ -236,6 +250,14 @@ def _check_retrieval(where: str, spec) -> None:
     _check_common(where, spec)
     if spec["postproc"] not in POSTPROCS:
         raise ValueError(f"{where}: postproc must be one of {POSTPROCS}, got {spec['postproc']!r}")
+    if spec["scoring"] not in SCORINGS:
+        raise ValueError(f"{where}: scoring must be one of {SCORINGS}, got {spec['scoring']!r}")
+    late_only = [k for k in ("postproc", "geometry", "skew_k")
+                 if spec["scoring"] == "late" and spec[k] not in ("none", False, 0)]
+    if late_only:
+        raise ValueError(f"{where}: scoring='late' ranks by token-set late interaction, which "
+                         f"{late_only} (defined on pooled embeddings) cannot use; add a second "
+                         "retrieval evaluator with scoring='pooled' for them")
     if spec["mrv_reduce"] not in ("var", "std"):
         raise ValueError(f"{where}: mrv_reduce must be 'var' or 'std', got {spec['mrv_reduce']!r}")
     for key in ("bank_size", "skew_k", "k"):
@@ -297,14 +319,22 @@ def _skew(img, txt, k, mesh, query_chunk, postproc=None) -> dict[str, float]:
           r_g=0.1, r_q=0.1, local_adj=True, pool_rate=0.01,
           # Diagnostics: geometry (gap, alignment, uniformity), k-occurrence skewness (0: off),
           # MRV over each record's captions (when all records have the same number K > 1).
-          geometry=False, skew_k=0, mrv=True, mrv_reduce="var")
+          geometry=False, skew_k=0, mrv=True, mrv_reduce="var",
+          # pooled: cosine of the pooled embeddings; late: FILIP's token-wise late interaction
+          # (each direction scored as FILIP trains it: s^I for image queries, s^T for text ones).
+          scoring="pooled")
 def retrieval(ctx, spec, params) -> dict[str, float]:
     where = f"evals.{spec['name']}"
     data = load_eval_set(ctx, _dataset(ctx, spec), spec["split"], spec["max_examples"])
     bs, mesh, chunk = spec["batch_size"], ctx.mesh, spec["query_chunk"]
-    img = image_embeddings(ctx, params, data, bs)
-    txt = text_embeddings(ctx, params, data, bs)
+    late = spec["scoring"] == "late"
+    img = image_embeddings(ctx, params, data, bs, token_sets=late)
+    txt = text_embeddings(ctx, params, data, bs, token_sets=late)
     t2i = data.text_to_image
+    if late:
+        tokens = img.shape[1] * txt.shape[1]
+        gallery = -(-max(len(img), len(txt)) // ctx.mesh.devices.size)
+        chunk = max(1, min(chunk, LATE_BLOCK_FLOATS // (tokens * gallery)))
     raw = retrieval_metrics(img, txt, t2i, ks=tuple(spec["ks"]), mesh=mesh, query_chunk=chunk,
                             return_ranks=True)
     raw.pop("i2t_ranks")

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import P
 
+from jaxclip.losses.tokenwise import late_interaction, unpack_token_sets
+
 DEFAULT_QUERY_CHUNK = 512
 # Sentinel larger than any gallery index; pmin over it means "no such item".
 _NONE = np.iinfo(np.int32).max
@@ -101,8 +103,21 @@ def _pad_rows(x, n: int, value) -> jax.Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
+def late_interaction_scores(q: jax.Array, g: jax.Array) -> jax.Array:
+    """FILIP's late interaction of packed token sets (`losses.tokenwise.pack_token_sets`): for
+    each query set, the mean over its real tokens of their best similarity with any real token of
+    the gallery set (`late_interaction`, the function FILIP trains with). (c, G) scores."""
+    (q, q_mask), (g, g_mask) = unpack_token_sets(q), unpack_token_sets(g)
+    scores = late_interaction(q, q_mask, g, g_mask)
+    # A padded query row has no real token (0/0); its row is cut off later, keep it finite.
+    return jnp.where(jnp.any(q_mask, axis=-1)[:, None], scores, _NEG_INF)
+
+
 def similarity(q: jax.Array, g: jax.Array) -> jax.Array:
-    """Cosine scores q @ g.T of (already normalised) embedding blocks, in full float32."""
+    """Cosine scores q @ g.T of (already normalised) embedding blocks, in full float32; for
+    packed token sets (3-d blocks) the late-interaction scores."""
+    if q.ndim == 3:
+        return late_interaction_scores(q, g)
     # HIGHEST keeps accelerators from computing eval scores in bf16/tf32 passes; on CPU it is f32.
     return jnp.matmul(q, g.T, precision=jax.lax.Precision.HIGHEST)
 
@@ -177,11 +192,13 @@ def run_chunked(
 ):
     """Runs a chunk body over all queries against the sharded gallery (the shared eval runner).
 
-    queries (Nq, d) and gallery (Ng, d) are cast to float32. query_cols / gallery_cols / carry are
-    (array, pad_value) pairs with the query / gallery on axis 0; they are padded (queries to a
-    multiple of the chunk, gallery to a multiple of the device count) with their pad value. The
-    body always receives the gallery indices (int32, padded entries >= Ng) and a validity mask as
-    the first two gallery columns, and a query validity mask as the first query column.
+    queries (Nq, d) and gallery (Ng, d) are cast to float32 (or packed token sets (Nq, Tq, d+1)
+    and (Ng, Tg, d+1), scored by late interaction: losses.tokenwise.pack_token_sets).
+    query_cols / gallery_cols / carry are (array, pad_value) pairs with the query / gallery on
+    axis 0; they are padded (queries to a multiple of the chunk, gallery to a multiple of the
+    device count) with their pad value. The body always receives the gallery indices (int32,
+    padded entries >= Ng) and a validity mask as the first two gallery columns, and a query
+    validity mask as the first query column.
 
     Returns (carry, ys) as jax arrays, carry cut back to Ng rows and ys to Nq rows (or, with
     gallery_ys, to (Nq, Ng)).
@@ -189,8 +206,10 @@ def run_chunked(
     mesh = eval_mesh(mesh)
     queries = jnp.asarray(queries, jnp.float32)
     gallery = jnp.asarray(gallery, jnp.float32)
-    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
-        raise ValueError(f"need (Nq, d), (Ng, d) embeddings, got {queries.shape}, {gallery.shape}")
+    if queries.ndim not in (2, 3) or gallery.ndim != queries.ndim or \
+            queries.shape[-1] != gallery.shape[-1]:
+        raise ValueError(f"need (Nq, d), (Ng, d) embeddings or (Nq, Tq, d), (Ng, Tg, d) token "
+                         f"sets, got {queries.shape}, {gallery.shape}")
     lay = _layout(queries.shape[0], gallery.shape[0], query_chunk, mesh)
     nq_pad = lay.n_chunks * lay.chunk
 

@@ -9,7 +9,7 @@ product but a late interaction of their token sets, and it is asymmetric:
   s^T_ij = mean over the real words r of j of  max over the patches k of i  <P_ik, W_jr>
 
 The loss is CLIP's with these two logit matrices: ½[CE_rows(t·S^I) + CE_rows(t·(S^T)ᵀ)]. Both
-are one function, `_late_interaction(query, query_mask, keys, keys_mask)` (the mean over the
+are one function, `late_interaction(query, query_mask, keys, keys_mask)` (the mean over the
 query's real tokens of their best match among the keys' real tokens), called with the roles of
 the towers swapped; each shard computes its own rows of both matrices against the gathered other
 tower.
@@ -73,7 +73,7 @@ def _similarities(query, keys, keys_mask):
     return jnp.where(keys_mask[None, :, None, :], sim, -jnp.inf)
 
 
-def _late_interaction(query, query_mask, keys, keys_mask):
+def late_interaction(query, query_mask, keys, keys_mask):
     """(b, c): for query set i and key set j, the mean over i's real tokens of the best
     similarity with any real token of j."""
     best = jnp.max(_similarities(query, keys, keys_mask), axis=-1)  # (b, c, n_query)
@@ -82,10 +82,24 @@ def _late_interaction(query, query_mask, keys, keys_mask):
     return total / jnp.sum(query_mask, axis=-1)[:, None]
 
 
+def pack_token_sets(tokens, mask=None) -> jax.Array:
+    """(N, T, D) L2-normalised token features and their (N, T) bool mask (None: all real) as one
+    (N, T, D + 1) float32 array whose last coordinate is the mask: the form in which token sets
+    go through the retrieval runner (evals/retrieval.py pads and shards one array per side)."""
+    tokens = jnp.asarray(tokens, jnp.float32)
+    mask = jnp.ones(tokens.shape[:2], jnp.float32) if mask is None else jnp.asarray(mask, bool)
+    return jnp.concatenate([tokens, mask.astype(jnp.float32)[..., None]], axis=-1)
+
+
+def unpack_token_sets(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The inverse of `pack_token_sets`: (tokens (..., T, D), mask (..., T) bool)."""
+    return packed[..., :-1], packed[..., -1] > 0.5
+
+
 def late_interaction_logits(query, query_mask, keys, keys_mask, chunk: int) -> jax.Array:
     """(b, B) late-interaction scores of each local query set against every key set, computed
     chunk by chunk of the key sets."""
-    scores = _over_chunks(lambda blk: _late_interaction(query, query_mask, *blk),
+    scores = _over_chunks(lambda blk: late_interaction(query, query_mask, *blk),
                           (keys, keys_mask), chunk)  # (chunks, b, c)
     return jnp.moveaxis(scores, 0, 1).reshape(query.shape[0], -1)
 
