@@ -16,7 +16,7 @@ from jaxclip.losses.mixup import mixing_ratio, slerp
 from jaxclip.metrics import read_metrics
 from jaxclip.models import Encoded, l2_normalize
 
-DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
+M2MIX_DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "m2mix_demo.py")
 
 
 def _unit(rng, *shape):
@@ -110,10 +110,12 @@ def test_sharded_equals_single_device_with_clip(shape):
 
 def test_training_logs_the_step_ratio_and_the_term(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXCLIP_CACHE", str(tmp_path / "cache"))
-    cfg = config.load(DEMO, ["loss.aux.m2mix=0.01", "loss.m2mix.alpha=0.5", "train.steps=2",
-                             "train.batch_size=8", "train.log_every=1", "train.progress=false",
-                             "model.image.depth=1", "model.text.depth=1", "evals={}",
-                             "data.train.dataset=shapes_small"])
+    # The config as written, in a short form (its full-length numbers: docs/objectives.md).
+    cfg = config.load(M2MIX_DEMO, ["train.steps=2", "train.batch_size=8", "train.log_every=1",
+                                   "train.progress=false", "model.image.depth=1",
+                                   "model.text.depth=1", "evals={}",
+                                   "data.train.dataset=shapes_small"])
+    assert cfg.loss.aux.m2mix == 0.01 and cfg.loss.m2mix.alpha == 0.5
     train.train(cfg, str(tmp_path / "run"))
     rows = [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
     for row in rows:  # step s used the key of (seed, s - 1)
