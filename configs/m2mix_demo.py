@@ -7,7 +7,7 @@ It was proposed for fine-tuning robustness and calibration; here it trains from 
 shapes set so its effect can be compared with the plain demo on the same budget
 (docs/objectives.md).
 
-Measured (300 steps, one seed, 2-core EPYC, 2026-12-07): val R@1 i2t 0.406 / t2i 0.386 against
+Measured (300 steps, one seed, 2-core Intel Xeon, 2026-12-07): val R@1 i2t 0.406 / t2i 0.386 against
 the plain demo's 0.398 / 0.379 at the same 300 steps, val modality gap 0.043 against 0.057: no
 effect beyond noise on this data.
 
