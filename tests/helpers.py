@@ -62,11 +62,10 @@ def jitted(model, method="__call__", **kwargs):
     return lambda *args: run(params, *args)
 
 
-def run_steps(step, state, batch, n: int = 2, extra=()):
-    """(losses of n steps on one batch, final parameters on the host); `extra`: the step's
-    arguments after the batch (train.step_args: a teacher's parameters)."""
+def run_steps(step, state, batch, n: int = 2):
+    """(losses of n steps on one batch, final parameters on the host)."""
     losses = []
     for _ in range(n):
-        state, metrics = step(state, batch, *extra)
+        state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state.params)
