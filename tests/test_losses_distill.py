@@ -223,6 +223,24 @@ def test_the_teacher_encodes_like_its_own_model(teacher_dir):
     assert float(enc.logit_scale) == pytest.approx(float(t.params["logit_scale"]))
 
 
+def test_a_teacher_from_a_hf_directory(teacher_dir, tmp_path):
+    """The same teacher exported to HF transformers' CLIPModel format loads with the same
+    parameters, image statistics and scale (no torch needed: safetensors)."""
+    from jaxclip.interop.export import export
+
+    export(teacher_dir, str(tmp_path / "hf"), "hf")
+    cfg = _distill_config(str(tmp_path / "hf"))
+    mesh = sharding.make_mesh(cfg.mesh)
+    hf, ours = teacher.load(cfg, mesh), teacher.load(_distill_config(teacher_dir), mesh)
+    assert sources.detect(hf.path) == "hf_clip"
+    np.testing.assert_allclose(hf.cfg.data.mean, ours.cfg.data.mean, rtol=1e-6)
+    np.testing.assert_allclose(hf.cfg.data.std, ours.cfg.data.std, rtol=1e-6)
+    a, b = tree.flatten(jax.device_get(hf.params)), tree.flatten(jax.device_get(ours.params))
+    assert sorted(a) == sorted(b)
+    for path in a:
+        np.testing.assert_allclose(a[path], b[path], rtol=1e-6, atol=1e-7, err_msg=path)
+
+
 def test_bad_teacher_settings_are_one_line_errors(teacher_dir, tmp_path):
     cfg = _distill_config("")
     with pytest.raises(config.ConfigError, match="set loss.teacher.path"):
