@@ -145,9 +145,11 @@ def test_sharded_equals_single_device():
     scale = jnp.float32(1.5)
 
     def value_and_grads(fn, a, b):
-        def f(a, b, s):
+        def f(a, b, s, tx, ty):
             return fn(_encoded(a, b, s, tx, ty, jnp.float32(2.0)))
-        return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(a, b, scale)
+        # Jitted: op-by-op dispatch of the unsharded reference costs more than its compile.
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(a, b, scale,
+                                                                                tx, ty)
 
     cfg = config.defaults().loss
     cfg.aux = {"kd": 0.5, "modx": 3.0}
