@@ -405,7 +405,8 @@ def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invariants, invocation_start
     with clock.timed("compile"), watchdog.phase("compile", start):
         compiled = make_train_step(m).lower(m.abstract_state, batch_specs(cfg, m.mesh),
                                             *step_args(m)).compile()
-    flops_per_sample = flops.train_flops_per_sample(cfg, cfg.train.batch_size)
+    flops_per_sample = flops.train_flops_per_sample(
+        cfg, cfg.train.batch_size, None if m.teacher is None else m.teacher.cfg.model)
     peak, peak_source = flops.device_peak(cfg.model.dtype, cfg.train.peak_tflops)
     writer.write(start, _setup_metrics(compiled, cfg, n_dev, flops_per_sample, peak, peak_source))
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxclip import config, losses, runtime, sharding, teacher, train, tree
+from jaxclip import config, flops, losses, runtime, sharding, teacher, train, tree
 from jaxclip.interop import sources
 from jaxclip.models import Encoded, l2_normalize
 from tests.helpers import random_batch, tiny_config
@@ -241,6 +241,14 @@ def test_a_teacher_from_a_hf_directory(teacher_dir, tmp_path):
     assert sorted(a) == sorted(b)
     for path in a:
         np.testing.assert_allclose(a[path], b[path], rtol=1e-6, atol=1e-7, err_msg=path)
+
+
+def test_the_teacher_forward_counts_in_the_step_flops():
+    student, tcfg = tiny_config(), _teacher_config()
+    extra = flops.train_flops_per_sample(student, 16, tcfg.model) - \
+        flops.train_flops_per_sample(student, 16)
+    assert extra == pytest.approx(flops.image_forward_flops(tcfg.model.image, 24)
+                                  + flops.text_forward_flops(tcfg.model.text, 24))
 
 
 def test_bad_teacher_settings_are_one_line_errors(teacher_dir, tmp_path):
