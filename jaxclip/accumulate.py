@@ -50,7 +50,7 @@ from jaxclip import config, tree
 from jaxclip.models import towers
 from jaxclip.sharding import BATCH_AXES
 
-__all__ = ["check_microbatches", "loss_and_grads"]
+__all__ = ["check_microbatches", "forward", "loss_and_grads"]
 
 # Top-level parameter subtrees whose values reach each tower's embeddings (TwoTower's layout).
 _TOWER_PARAMS = {m: (m, f"{m}_head") for m in towers.MODALITIES}
@@ -103,6 +103,26 @@ def _trainable(params: dict, tower: str) -> bool:
     return bool(jax.tree.leaves({k: params[k] for k in _TOWER_PARAMS[tower] if k in params}))
 
 
+def forward(encode, inputs: dict, microbatches: int, mesh=None):
+    """encode(inputs) for a batch that is run `microbatches` rows-blocks at a time.
+
+    encode maps a dict of (b, ...) batch arrays to a pytree of (b, ...) arrays; nothing is
+    differentiated, so each micro-batch's activations die with its scan iteration and only the
+    outputs, stacked and put back in the original row order, are kept. Micro-batches follow the
+    mesh's batch split, as in `loss_and_grads`. Also runs a frozen teacher (jaxclip/teacher.py)."""
+    k = int(microbatches)
+    if k == 1:
+        return encode(inputs)
+    n = _batch_shards(mesh)
+    xs = {m: _split(x, n, k, mesh) for m, x in inputs.items()}
+
+    def step(_, x):
+        return None, jax.tree.map(lambda a: _constrain(a, mesh, 0), encode(x))
+
+    _, out = jax.lax.scan(step, None, xs)
+    return jax.tree.map(lambda y: _join(y, n, k, mesh), out)
+
+
 def loss_and_grads(graphdef, params: dict, frozen: dict, images: jax.Array, text: jax.Array,
                    objective, microbatches: int, *, return_tokens: bool = False, mesh=None,
                    grad_shardings=None):
@@ -132,17 +152,14 @@ def loss_and_grads(graphdef, params: dict, frozen: dict, images: jax.Array, text
         bias = None if model.logit_bias is None else model.logit_bias[...]
         return model.logit_scale[...], bias
 
-    xs = {"image": _split(images, n, k, mesh), "text": _split(text, n, k, mesh)}
+    inputs = {"image": images, "text": text}
 
-    # Pass 1: embeddings only. Nothing is differentiated here, so each iteration's activations
-    # die with it; the scan stacks the (k, B/k, ...) outputs.
-    def embed(_, x):
+    # Pass 1: embeddings only.
+    def embed(x):
         enc = model_of(params).encode_all(x, return_tokens=return_tokens)
-        rows = dataclasses.replace(enc, logit_scale=None, logit_bias=None)
-        return None, jax.tree.map(lambda a: _constrain(a, mesh, 0), rows)
+        return dataclasses.replace(enc, logit_scale=None, logit_bias=None)
 
-    _, rows = jax.lax.scan(embed, None, xs)
-    rows = jax.tree.map(lambda y: _join(y, n, k, mesh), rows)
+    rows = forward(embed, inputs, k, mesh)
     scale, bias = scalars(params)
 
     # Pass 2: the objective once over the whole batch. The mask (bool) is not differentiable,
@@ -159,8 +176,9 @@ def loss_and_grads(graphdef, params: dict, frozen: dict, images: jax.Array, text
     _, pull_scalars = jax.vjp(scalars, params)
     (grads,) = pull_scalars((g_enc.logit_scale, g_enc.logit_bias))
 
-    trained = [m for m in xs if _trainable(params, m)]
+    trained = [m for m in inputs if _trainable(params, m)]
     if trained:
+        xs = {m: _split(x, n, k, mesh) for m, x in inputs.items()}
         grads = _backward(model_of, params, xs, g_enc, trained, n, k, mesh, return_tokens,
                           grad_shardings, grads)
     return (loss, (metrics, scale, bias)), grads

@@ -135,10 +135,10 @@ def defaults() -> ConfigDict:
     # The two modalities the objective contrasts, in its (x, y) order: image -> text is the
     # first direction of CLIP's loss, and the image tower is the locked one in LiT.
     lo.pair = ("image", "text")
-    # Each objective's own settings, as it registered them: loss.clip.label_smoothing, ...
-    for name in loss_registry.names():
-        if own := loss_registry.get(name).config:
-            lo[name] = ConfigDict(own)
+    # Each objective's own settings, as it registered them (loss.clip.label_smoothing, ...),
+    # and the sections several objectives share (loss.teacher.path).
+    for name, own in loss_registry.sections().items():
+        lo[name] = ConfigDict(own)
 
     c.optim = o = ConfigDict()
     o.lr = 5e-4

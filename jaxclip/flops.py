@@ -5,7 +5,8 @@ attention scores and weighted values, the MAP head, both projections, and the lo
 matmuls as actually computed per device (two b x B matrices for softmax CLIP in all_gather form,
 one for SigLIP). Causal text attention is counted in full (T x T), because the XLA kernel computes
 the whole masked matrix. Norms, softmax, activations and the optimizer are not counted.
-A training step costs 3 x the forward FLOPs (backward = 2 x forward).
+A training step costs 3 x the forward FLOPs (backward = 2 x forward), plus a distillation
+teacher's forward pass when there is one.
 
 MFU = achieved FLOP/s per device / peak FLOP/s per device. The peak is the dense datasheet figure
 for the compute dtype on accelerators (bf16: H100 SXM 989 TFLOP/s, not the 1979 sparsity figure),
@@ -49,11 +50,17 @@ def loss_flops_per_sample(loss_cfg, global_batch: int, embed_dim: int) -> float:
     return matrices * 2 * global_batch * embed_dim
 
 
-def train_flops_per_sample(cfg, global_batch: int) -> float:
+def train_flops_per_sample(cfg, global_batch: int, teacher_model=None) -> float:
+    """`teacher_model`: the model section of a distillation teacher, whose forward pass (only)
+    runs in every step too."""
     m = cfg.model
     fwd = image_forward_flops(m.image, m.embed_dim) + text_forward_flops(m.text, m.embed_dim)
     fwd += loss_flops_per_sample(cfg.loss, global_batch, m.embed_dim)
-    return 3 * fwd
+    teacher = 0.0
+    if teacher_model is not None:
+        teacher = (image_forward_flops(teacher_model.image, teacher_model.embed_dim)
+                   + text_forward_flops(teacher_model.text, teacher_model.embed_dim))
+    return 3 * fwd + teacher
 
 
 # Dense peak FLOP/s per device by device_kind substring and compute dtype (datasheets).

@@ -42,6 +42,7 @@ from jaxclip import (
     runlock,
     runtime,
     sharding,
+    teacher,
     tree,
 )
 from jaxclip.data import prefetch, stream
@@ -53,7 +54,7 @@ from jaxclip.tokenizer import from_config as tokenizer_from_config
 from jaxclip.watchdog import Watchdog
 
 __all__ = ["NonFiniteLossError", "Preempted", "TrainSetup", "TrainState", "build", "init_state",
-           "make_train_step", "train"]
+           "make_train_step", "step_args", "train"]
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -73,6 +74,9 @@ class TrainSetup:
     tx: optax.GradientTransformation
     state_shardings: TrainState
     abstract_state: TrainState
+    # The frozen teacher of the distillation terms (jaxclip/teacher.py), or None: an argument of
+    # the step of its own, outside the train state (no optimizer state, not checkpointed).
+    teacher: teacher.Teacher | None = None
 
     # The layout's fields, which the step and the loop read all the time.
     cfg = property(lambda self: self.layout.cfg)
@@ -111,7 +115,7 @@ def build(cfg, mesh=None) -> TrainSetup:
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract_state, state_shardings)
-    return TrainSetup(lay, tx, state_shardings, abstract_state)
+    return TrainSetup(lay, tx, state_shardings, abstract_state, teacher.load(cfg, mesh))
 
 
 def init_state(m: TrainSetup) -> TrainState:
@@ -135,22 +139,33 @@ def _clamp_logit_scale(params: dict, loss_cfg) -> dict:
     return params
 
 
+def step_args(m: TrainSetup) -> tuple:
+    """The train step's arguments after (state, batch): the teacher's parameters, if any."""
+    return () if m.teacher is None else (m.teacher.params,)
+
+
 def make_train_step(m: TrainSetup):
+    """The jitted step: (state, batch) -> (state, metrics), or (state, batch, teacher params)
+    when the objective distils from a teacher (`step_args`)."""
     cfg = m.cfg
     objective = losses.objective_over_mesh(cfg.loss, m.mesh)
     tokens = losses.needs_tokens(cfg.loss)
     lr = optim.learning_rate(cfg.optim, cfg.train.steps)
     microbatches = cfg.train.microbatches
 
-    def step(state: TrainState, batch: dict):
+    def step(state: TrainState, batch: dict, teacher_params=None):
         images = normalize_images(batch["image"], cfg.data.mean, cfg.data.std)
         # One key per step, from the seed and the step alone, so a resumed run draws the same.
         step_key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
+        # The teacher's encoding of the batch, once per step (in micro-batches like pass 1 of
+        # accumulation, so its activations do not undo its memory saving).
+        taught = None if m.teacher is None else teacher.encode(
+            m.teacher, teacher_params, batch["image"], batch["text"], microbatches, m.mesh)
 
         def objective_of_batch(enc):
             # Constants of the step, attached here so that accumulation's passes see them too:
             # the step's key, and with K captions per image (data.caption = "all") which exist.
-            enc = dataclasses.replace(enc, key=step_key)
+            enc = dataclasses.replace(enc, key=step_key, teacher=taught)
             if "text_mask" in batch:
                 enc = dataclasses.replace(enc, present={"text": batch["text_mask"]})
             return objective(enc)
@@ -180,7 +195,8 @@ def make_train_step(m: TrainSetup):
         return TrainState(state.step + 1, params, state.frozen, opt_state), metrics
 
     batch_sh = sharding.batch_sharding(m.mesh)
-    return jax.jit(step, in_shardings=(m.state_shardings, batch_sh),
+    extra = () if m.teacher is None else (m.teacher.layout.param_shardings,)
+    return jax.jit(step, in_shardings=(m.state_shardings, batch_sh, *extra),
                    out_shardings=(m.state_shardings, sharding.replicated(m.mesh)),
                    donate_argnums=0)
 
@@ -245,6 +261,7 @@ def preflight(cfg) -> dict:
     except (KeyError, ValueError) as e:
         raise config.ConfigError(f"loss: {e.args[0] if e.args else e}") from None
     _check_caption_sets(cfg)
+    teacher.check(cfg)  # loaded later (build), but a missing path fails before anything starts
     try:
         mesh = sharding.make_mesh(cfg.mesh)
     except ValueError as e:
@@ -387,9 +404,10 @@ def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invariants, invocation_start
     evaluators = Evaluators(cfg, m.layout, tokenizer)
 
     with clock.timed("compile"), watchdog.phase("compile", start):
-        compiled = make_train_step(m).lower(m.abstract_state,
-                                            batch_specs(cfg, m.mesh)).compile()
-    flops_per_sample = flops.train_flops_per_sample(cfg, cfg.train.batch_size)
+        compiled = make_train_step(m).lower(m.abstract_state, batch_specs(cfg, m.mesh),
+                                            *step_args(m)).compile()
+    flops_per_sample = flops.train_flops_per_sample(
+        cfg, cfg.train.batch_size, None if m.teacher is None else m.teacher.cfg.model)
     peak, peak_source = flops.device_peak(cfg.model.dtype, cfg.train.peak_tflops)
     writer.write(start, _setup_metrics(compiled, cfg, n_dev, flops_per_sample, peak, peak_source))
 
@@ -434,7 +452,7 @@ def _run(cfg, workdir, stop_at, m, ckpt, tokenizer, invariants, invocation_start
                         batch, skipped = next(data)  # on the devices already (or placed now)
                     window.data_wait += wait.seconds
                     window.skipped += skipped
-                    state, metrics = compiled(state, batch)
+                    state, metrics = compiled(state, batch, *step_args(m))
                     # Run at most one step ahead of the device: the host then waits here for the
                     # previous step, so a phase lasts as long as a device step (the watchdog's
                     # median means something) and a hung collective shows at the next step, not

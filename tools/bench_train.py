@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
                          f"axes ({sharding.batch_divisor(m.mesh)} devices)")
     state = train.init_state(m)
     t0 = time.perf_counter()
-    step = train.make_train_step(m).lower(m.abstract_state,
-                                          train.batch_specs(cfg, m.mesh)).compile()
+    step = train.make_train_step(m).lower(m.abstract_state, train.batch_specs(cfg, m.mesh),
+                                          *train.step_args(m)).compile()
     compile_s = time.perf_counter() - t0
 
     rng = np.random.default_rng(0)
@@ -79,11 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
         "text": rng.integers(1, cfg.model.text.vocab_size, (local, ctx), dtype=np.int32),
     }, m.mesh)
     for _ in range(args.warmup):
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, *train.step_args(m))
     jax.block_until_ready(state)
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, *train.step_args(m))
     jax.block_until_ready((state, metrics))
     seconds = time.perf_counter() - t0
 

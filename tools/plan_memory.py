@@ -103,7 +103,8 @@ def plan(cfg, hlo_path: str = "") -> dict:
                          f"({sharding.batch_divisor(m.mesh)} devices)")
     specs = train.batch_specs(cfg, m.mesh)
     t0 = time.perf_counter()
-    compiled = train.make_train_step(m).lower(m.abstract_state, specs).compile()
+    compiled = train.make_train_step(m).lower(m.abstract_state, specs,
+                                              *train.step_args(m)).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     hlo = compiled.as_text()

@@ -4,6 +4,9 @@
     jaxclip.losses.siglip_loss(image_emb, text_emb, logit_scale, logit_bias)   -> scalar
     jaxclip.losses.filip_loss(image_tokens, text_tokens, text_mask, logit_scale) -> scalar
     jaxclip.losses.cwcl_loss(frozen_emb, trained_emb, logit_scale)             -> scalar
+    jaxclip.losses.kd_loss(image_emb, text_emb, logit_scale,
+                           teacher_image_emb, teacher_text_emb, teacher_logit_scale) -> scalar
+    jaxclip.losses.modx_loss(image_emb, text_emb, old_image_emb, old_text_emb)  -> scalar
 
 take the whole (global) batch; with `impl="ring"|"all_gather", mesh=mesh` they run sharded over
 the mesh's batch axes (the arrays may be globally sharded). Inside the train step the same
@@ -16,6 +19,7 @@ one config line (`loss.name = name`, or `loss.aux.name = weight` to add it as a 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -25,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxclip.losses import (  # noqa: F401  (registers the objectives)
     contrastive,
+    distill,
     geometry,
     mixup,
     multi_positive,
@@ -123,6 +128,41 @@ def one_to_k_loss(image_emb, text_emb, logit_scale, text_mask=None, *, impl: str
     return _over_mesh(_loss_cfg(name="one_to_k", impl=impl), mesh, enc)
 
 
+def _with_teacher(image_emb, text_emb, logit_scale, teacher_image_emb, teacher_text_emb,
+                  teacher_logit_scale) -> Encoded:
+    teacher = Encoded.of_pair(jnp.asarray(teacher_image_emb), jnp.asarray(teacher_text_emb),
+                              jnp.asarray(teacher_logit_scale, jnp.float32))
+    enc = Encoded.of_pair(jnp.asarray(image_emb), jnp.asarray(text_emb),
+                          jnp.asarray(logit_scale, jnp.float32))
+    return dataclasses.replace(enc, teacher=teacher)
+
+
+def kd_loss(image_emb, text_emb, logit_scale, teacher_image_emb, teacher_text_emb,
+            teacher_logit_scale, *, impl: str = "dense", mesh=None) -> jax.Array:
+    """open_clip's distillation term over a global batch: the cross-entropy from the teacher's
+    softmax over the batch to the student's, rows and columns averaged (losses/distill.py).
+
+    image_emb, text_emb (B, D) the student's L2-normalised embeddings, logit_scale its log t;
+    teacher_image_emb, teacher_text_emb (B, D') the teacher's (any width D'), teacher_logit_scale
+    the teacher's own log t. Only the KD term, without CLIP. `impl` ("all_gather" | "dense") and
+    `mesh` as in `clip_loss`."""
+    enc = _with_teacher(image_emb, text_emb, logit_scale, teacher_image_emb, teacher_text_emb,
+                        teacher_logit_scale)
+    return _over_mesh(_loss_cfg(name="kd", impl=impl), mesh, enc)
+
+
+def modx_loss(image_emb, text_emb, old_image_emb, old_text_emb, *, temperature: float = 1.0,
+              screen_wrong_rows: bool = True, impl: str = "dense", mesh=None) -> jax.Array:
+    """Mod-X's off-diagonal distillation term over a global batch (losses/distill.py): the mean
+    over rows and columns of KL(softmax S_old ‖ softmax S) with S = X Yᵀ / temperature, rows
+    (columns) the old model ranks wrongly screened out. Embeddings L2-normalised; the old ones
+    may have another width. Only the Mod-X term, without CLIP. `impl` and `mesh` as in
+    `clip_loss`."""
+    enc = _with_teacher(image_emb, text_emb, 0.0, old_image_emb, old_text_emb, 0.0)
+    own = dict(temperature=float(temperature), screen_wrong_rows=bool(screen_wrong_rows))
+    return _over_mesh(_loss_cfg(name="modx", impl=impl, modx=own), mesh, enc)
+
+
 def total_objective(loss_cfg):
     """fn(enc, axis) -> (loss, metrics): the main objective plus weighted auxiliary terms."""
     main = get(loss_cfg.name)
@@ -174,6 +214,12 @@ def needs_tokens(loss_cfg) -> bool:
     return get(loss_cfg.name).needs_tokens or any(get(n).needs_tokens for n in loss_cfg.aux)
 
 
+def needs_teacher(loss_cfg) -> bool:
+    """Whether an objective with a non-zero weight reads a teacher's embeddings."""
+    return get(loss_cfg.name).needs_teacher or any(
+        get(n).needs_teacher for n, w in loss_cfg.aux.items() if float(w) != 0.0)
+
+
 def objective_over_mesh(loss_cfg, mesh):
     """The objective as a function of globally sharded `Encoded` arrays.
 
@@ -195,6 +241,6 @@ def objective_over_mesh(loss_cfg, mesh):
     return run
 
 
-__all__ = ["Objective", "check_config", "clip_loss", "cwcl_loss", "filip_loss", "get", "names",
-           "needs_tokens", "objective_over_mesh", "one_to_k_loss", "register", "siglip_loss",
-           "total_objective"]
+__all__ = ["Objective", "check_config", "clip_loss", "cwcl_loss", "filip_loss", "get", "kd_loss",
+           "modx_loss", "names", "needs_teacher", "needs_tokens", "objective_over_mesh",
+           "one_to_k_loss", "register", "siglip_loss", "total_objective"]

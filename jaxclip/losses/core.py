@@ -32,6 +32,7 @@ class Objective:
     fn: Callable
     impls: tuple[str, ...] = ("all_gather", "dense")
     needs_tokens: bool = False  # token-level features (FILIP) must be computed by the model
+    needs_teacher: bool = False  # reads a frozen teacher's embeddings (Encoded.teacher)
     doc: str = ""
     config: dict = dataclasses.field(default_factory=dict)  # its keys under loss.<name>
     choices: dict = dataclasses.field(default_factory=dict)  # key -> allowed values
@@ -41,10 +42,11 @@ class Objective:
 
 
 _REGISTRY: dict[str, Objective] = {}
+_SECTIONS: dict[str, dict] = {}
 
 
 def register(name: str, *, impls=("all_gather", "dense"), needs_tokens=False,
-             config: dict | None = None, choices: dict | None = None,
+             needs_teacher=False, config: dict | None = None, choices: dict | None = None,
              check: Callable | None = None):
     """Decorator: `@register("clip")` makes `loss.name = "clip"` (or `loss.aux.clip = w`) work.
 
@@ -60,13 +62,28 @@ def register(name: str, *, impls=("all_gather", "dense"), needs_tokens=False,
         raise ValueError(f"objective {name!r}: choices for keys it does not have: {unknown}")
 
     def wrap(fn):
-        if name in _REGISTRY:
+        if name in _REGISTRY or name in _SECTIONS:
             raise ValueError(f"objective {name!r} registered twice")
-        _REGISTRY[name] = Objective(fn, tuple(impls), needs_tokens, (fn.__doc__ or "").strip(),
-                                    config, choices, check)
+        _REGISTRY[name] = Objective(fn, tuple(impls), needs_tokens, needs_teacher,
+                                    (fn.__doc__ or "").strip(), config, choices, check)
         return fn
 
     return wrap
+
+
+def declare(name: str, config: dict) -> None:
+    """A config section `loss.<name>` shared by several objectives rather than owned by one
+    (the distillation teacher, `loss.teacher.path`), declared by the module that reads it."""
+    if name in _REGISTRY or name in _SECTIONS:
+        raise ValueError(f"loss section {name!r} declared twice")
+    _SECTIONS[name] = dict(config)
+
+
+def sections() -> dict[str, dict]:
+    """Every loss config section: each objective's own keys and the shared ones."""
+    out = {name: dict(obj.config) for name, obj in _REGISTRY.items() if obj.config}
+    out.update({name: dict(keys) for name, keys in _SECTIONS.items()})
+    return dict(sorted(out.items()))
 
 
 def get(name: str) -> Objective:

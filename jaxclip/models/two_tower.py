@@ -63,6 +63,10 @@ class Encoded:
     # (B, K, E) embeddings, (B, K, N, E) tokens, (B, K, N) masks, and here a (B, K) bool mask
     # of the inputs that are real (an image with fewer than K captions); absent: all real.
     present: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+    # A frozen teacher's encoding of the same batch (distillation terms: losses/distill.py),
+    # attached by the trainer: its embeddings by modality (its own width) and, as logit_scale,
+    # the log of its logit multiplier. No gradient reaches it.
+    teacher: Encoded | None = None
     pair: tuple[str, str] = dataclasses.field(default=("image", "text"),
                                               metadata=dict(static=True))
 
