@@ -200,6 +200,12 @@ def defaults() -> ConfigDict:
     # with fewer (for objectives with several positives per image: loss.name = one_to_k).
     d.caption = "random"
     d.captions_per_image = 0  # K of caption = "all"
+    # Crops of each training image (for image-image terms: loss.aux.simclr). With views > 1 the
+    # batch's `image` is (B, views, H, W, 3): view 0 is the crop above (data.augment, what the
+    # image-text loss sees); views 1.. are random resized crops with `view_augment`'s area scale
+    # and aspect ratio, flipped horizontally with probability `flip` (jaxclip.data.pipeline).
+    d.views = 1
+    d.view_augment = ConfigDict(dict(scale=(0.3, 1.0), ratio=(0.75, 1.3333), flip=0.5))
     d.workers = 0  # multiprocess prefetch workers (0 = in-process threads)
     d.prefetch = 2
     # Steps ahead that a background thread reads the next batches and places them on the
@@ -485,7 +491,7 @@ def validate(cfg: ConfigDict) -> None:
         value = get_path(cfg, path)
         if value not in choices:
             raise ConfigError(f"config key {path!r} must be one of {choices}, got {value!r}")
-    for path in ("train.steps", "train.batch_size", "train.log_every"):
+    for path in ("train.steps", "train.batch_size", "train.log_every", "data.views"):
         if get_path(cfg, path) <= 0:
             raise ConfigError(f"config key {path!r} must be positive, got {get_path(cfg, path)}")
     pair = tuple(cfg.loss.pair)
