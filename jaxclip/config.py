@@ -93,6 +93,11 @@ def defaults() -> ConfigDict:
             # (`image_head/...`) on the unprojected features, trained even when the tower is
             # locked (LiT, frozen encoders + projectors). See jaxclip/models/heads.py.
             head="none",
+            # The projection head of an image-image term (loss.aux.simclr; SLIP): an MLP of
+            # `depth` layers, `hidden` wide, on the tower's pooled features, its L2-normalised
+            # outputs (`out` dims) per view in Encoded.emb["image_views"]. out = 0: no head
+            # (and no parameters: the checkpoint layout of a model without one is unchanged).
+            view_head=ConfigDict(dict(out=0, hidden=512, depth=3)),
         )
     )
     m.text = ConfigDict(

@@ -4,6 +4,7 @@
     jaxclip.losses.siglip_loss(image_emb, text_emb, logit_scale, logit_bias)   -> scalar
     jaxclip.losses.filip_loss(image_tokens, text_tokens, text_mask, logit_scale) -> scalar
     jaxclip.losses.cwcl_loss(frozen_emb, trained_emb, logit_scale)             -> scalar
+    jaxclip.losses.simclr_loss(view_a, view_b, temperature)                     -> scalar
 
 take the whole (global) batch; with `impl="ring"|"all_gather", mesh=mesh` they run sharded over
 the mesh's batch axes (the arrays may be globally sharded). Inside the train step the same
@@ -16,6 +17,7 @@ one config line (`loss.name = name`, or `loss.aux.name = weight` to add it as a 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -28,6 +30,7 @@ from jaxclip.losses import (  # noqa: F401  (registers the objectives)
     geometry,
     mixup,
     multi_positive,
+    simclr,
     tokenwise,
     weighted,
 )
@@ -123,6 +126,24 @@ def one_to_k_loss(image_emb, text_emb, logit_scale, text_mask=None, *, impl: str
     return _over_mesh(_loss_cfg(name="one_to_k", impl=impl), mesh, enc)
 
 
+def simclr_loss(view_a, view_b, temperature: float = 0.1, *, impl: str = "dense",
+                mesh=None) -> jax.Array:
+    """SimCLR's NT-Xent (SLIP's image-image term, losses/simclr.py) over a global batch.
+
+    view_a, view_b (B, E): L2-normalised projections of two views of each of B images; each
+    view's positive is its image's other view, its negatives the other 2B - 2 views. temperature
+    τ is fixed (SLIP: 0.1). `impl` ("all_gather" | "dense") and `mesh` as in `clip_loss`.
+    """
+    views = jnp.stack([jnp.asarray(view_a), jnp.asarray(view_b)], axis=1)
+    if mesh is not None:
+        views = jax.device_put(views, jax.sharding.NamedSharding(mesh, P(BATCH_AXES)))
+    cfg = _loss_cfg(name="simclr", impl=impl, simclr=dict(temperature=float(temperature)))
+    # The pair is unused by the term; the views ride in Encoded next to a stand-in pair.
+    enc = Encoded({"image": views[:, 0], "text": views[:, 1], simclr.VIEWS_KEY: views},
+                  jnp.float32(0.0))
+    return _over_mesh(cfg, mesh, enc)
+
+
 def total_objective(loss_cfg):
     """fn(enc, axis) -> (loss, metrics): the main objective plus weighted auxiliary terms."""
     main = get(loss_cfg.name)
@@ -141,7 +162,7 @@ def total_objective(loss_cfg):
         gap = geometry.modality_gap(*jax.lax.stop_gradient((enc.x, enc.y)), axis,
                                     enc.x_present, enc.y_present)
         if loss_cfg.impl == "ring":
-            enc = enc.with_pair(*after((enc.x, enc.y), gap, axis))
+            enc = dataclasses.replace(enc, emb=after(enc.emb, gap, axis))
         loss, metrics = main.fn(enc, loss_cfg, axis)
         metrics = dict(metrics, modality_gap=gap)
         if aux:
@@ -151,8 +172,8 @@ def total_objective(loss_cfg):
             # after the ring's forward loop and its backward pass before the ring's backward
             # loop (core.after). The all_gather form has no loop to order against.
             term_enc = enc
-            if loss_cfg.impl == "ring":
-                term_enc = enc.with_pair(*after((enc.x, enc.y), loss, axis))
+            if loss_cfg.impl == "ring":  # every embedding a term may read (image_views too)
+                term_enc = dataclasses.replace(enc, emb=after(enc.emb, loss, axis))
             value, term_metrics = objective.fn(term_enc, loss_cfg, axis)
             metrics.update(term_metrics)  # a term's own diagnostics (m2mix_lambda, ...)
             metrics[f"loss_{name}"] = value
@@ -188,4 +209,5 @@ def objective_over_mesh(loss_cfg, mesh):
 
 
 __all__ = ["Objective", "clip_loss", "cwcl_loss", "filip_loss", "get", "names", "needs_tokens",
-           "objective_over_mesh", "one_to_k_loss", "register", "siglip_loss", "total_objective"]
+           "objective_over_mesh", "one_to_k_loss", "register", "siglip_loss", "simclr_loss",
+           "total_objective"]
