@@ -51,7 +51,11 @@ def loss_flops_per_sample(loss_cfg, global_batch: int, embed_dim: int) -> float:
 
 def train_flops_per_sample(cfg, global_batch: int) -> float:
     m = cfg.model
-    fwd = image_forward_flops(m.image, m.embed_dim) + text_forward_flops(m.text, m.embed_dim)
+    # Each of data.views crops of an image runs through the image tower (the small view head
+    # is not counted).
+    views = max(1, cfg.data.get("views", 1))
+    fwd = views * image_forward_flops(m.image, m.embed_dim) + text_forward_flops(m.text,
+                                                                                m.embed_dim)
     fwd += loss_flops_per_sample(cfg.loss, global_batch, m.embed_dim)
     return 3 * fwd
 

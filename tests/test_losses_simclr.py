@@ -4,6 +4,7 @@ properties, sharded = single device (loss and gradients, next to CLIP), and the 
 Tolerances: float32 against a float64 reference, 1e-5 relative on O(1) losses."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,10 @@ import numpy as np
 import pytest
 
 from jaxclip import config, losses, sharding, train
+from jaxclip.metrics import read_metrics
 from jaxclip.models import Encoded, l2_normalize
+
+SLIP_DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "slip_demo.py")
 
 # Compiled once per shape and temperature (eager dispatch compiles every primitive on its own).
 _simclr = jax.jit(losses.simclr_loss, static_argnums=2)
@@ -115,3 +119,22 @@ def test_missing_views_or_head_are_one_line_config_errors(overrides, message):
         config.apply_override(cfg, item)
     with pytest.raises(config.ConfigError, match=message):
         train.preflight(cfg)
+
+
+def test_slip_demo_trains_and_logs_the_term(tmp_path, monkeypatch):
+    """configs/slip_demo.py in short form (tiny towers, 2 steps): a finite loss, and the term's
+    diagnostics in the metrics log. (Micro-batches with views: tests/test_accumulate.py.)"""
+    monkeypatch.setenv("JAXCLIP_CACHE", str(tmp_path / "cache"))
+    cfg = config.load(SLIP_DEMO, ["train.steps=2", "train.batch_size=16", "train.log_every=1",
+                                  "train.progress=false",
+                                  "model.image.depth=1", "model.text.depth=1",
+                                  "model.image.view_head.hidden=32", "evals={}",
+                                  "data.train.dataset=shapes_small"])
+    train.train(cfg, str(tmp_path / "run"))
+    rows = [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        for key in ("loss", "loss_clip", "loss_simclr", "simclr_acc", "simclr_pos_cos"):
+            assert np.isfinite(row[key]), key
+        assert row["loss_simclr"] > 0 and 0 <= row["simclr_acc"] <= 1
+        assert row["loss"] == pytest.approx(row["loss_clip"] + row["loss_simclr"], rel=1e-5)

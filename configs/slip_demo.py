@@ -1,0 +1,34 @@
+"""The demo (configs/demo.py) with SLIP's image-image term added to the CLIP loss.
+
+SLIP (Mu et al. 2021, arXiv 2112.12750) adds SimCLR's NT-Xent between two augmented views of
+each image (τ = 0.1, weight c = 1) to the image-text loss, through a projection head on the image
+tower's pooled features. "Cross the Gap" (arXiv 2502.04263) names such an intra-modal term as a
+remedy for CLIP's weak image->image retrieval. Here: two views per image (view 0 is the demo's
+crop and also feeds CLIP; view 1 a random resized crop of 30-100% of the area), a 3-layer view
+head 512 wide with 128 outputs (SLIP: 4096 / 256 on ViT-B), and the `val` evaluator also
+reports image->image precision of same-relation neighbours (`i2i_p1`, ...; chance `i2i_chance`).
+No mirrored views: the captions say "to the left of" / "to the right of", so a flip would make
+a different scene.
+
+    jaxclip train --config configs/slip_demo.py --workdir runs/slip_demo
+
+docs/objectives.md has its measured effect against the plain demo.
+"""
+
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location(
+    "demo", os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
+demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo)
+
+
+def get_config(arg=None):
+    c = demo.get_config(arg)
+    c.loss = dict(aux=dict(simclr=1.0), simclr=dict(temperature=0.1))
+    c.model.image = dict(view_head=dict(out=128, hidden=512, depth=3))
+    c.data.views = 2
+    c.data.view_augment = dict(scale=(0.3, 1.0), ratio=(0.75, 1.3333), flip=0.0)
+    c.evals.val.intra_label = "relation"
+    return c
