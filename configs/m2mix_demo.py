@@ -10,13 +10,9 @@ shapes set so its effect can be compared with the plain demo on the same budget
     jaxclip train --config configs/m2mix_demo.py --workdir runs/m2mix_demo
 """
 
-import importlib.util
-import os
+from jaxclip.config import sibling
 
-_spec = importlib.util.spec_from_file_location(
-    "demo", os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
-demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo)
+demo = sibling(__file__, "demo.py")
 
 
 def get_config(arg=None):

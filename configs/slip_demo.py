@@ -15,13 +15,9 @@ a different scene.
 docs/objectives.md has its measured effect against the plain demo.
 """
 
-import importlib.util
-import os
+from jaxclip.config import sibling
 
-_spec = importlib.util.spec_from_file_location(
-    "demo", os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
-demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo)
+demo = sibling(__file__, "demo.py")
 
 
 def get_config(arg=None):

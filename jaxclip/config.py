@@ -337,6 +337,12 @@ def _load_module(path: str):
     return module
 
 
+def sibling(config_file: str, name: str):
+    """The module of the config file `name` beside `config_file`, for an experiment that extends
+    another: `sibling(__file__, "demo.py").get_config(arg)`."""
+    return _load_module(os.path.join(os.path.dirname(os.path.abspath(config_file)), name))
+
+
 def _locked(cfg: ConfigDict) -> ConfigDict:
     """The resolved config, locked (ml_collections): a key that does not exist can no longer be
     created by assignment (`cfg.train.stepz = 5` raises, naming the closest key), so code that
