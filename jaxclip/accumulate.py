@@ -115,9 +115,9 @@ def loss_and_grads(graphdef, params: dict, frozen: dict, images: jax.Array, text
 
     graphdef: the model's graph definition; params / frozen: trainable and frozen pure dicts;
     images: normalised pixels (B, H, W, 3), or (B, V, H, W, 3) with V views of each image;
-    text: tokens (B, T); objective: enc -> (loss,
-    metrics) (`losses.objective_over_mesh`). mesh: the step's mesh, whose ("data", "fsdp") split
-    of the batch the micro-batches follow (None: one shard, e.g. a single device).
+    text: tokens (B, T); objective: enc -> (loss, metrics) (`losses.objective_over_mesh`).
+    mesh: the step's mesh, whose ("data", "fsdp") split of the batch the micro-batches follow
+    (None: one shard, e.g. a single device).
     grad_shardings: optional shardings of `params`, pinned on the float32 accumulator.
     """
     k = int(microbatches)
