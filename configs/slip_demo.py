@@ -12,7 +12,10 @@ a different scene.
 
     jaxclip train --config configs/slip_demo.py --workdir runs/slip_demo
 
-docs/objectives.md has its measured effect against the plain demo.
+Measured against the demo, both cut to 300 steps (2-core shared CPU, 2026-12-07, one seed): val
+R@1 0.395 / 0.371 (i2t / t2i) -> 0.329 / 0.307, novel 0.316 / 0.294 -> 0.258 / 0.234; image->image
+same-relation precision at chance for both (0.25). A probe of same-colour-pair neighbours gives
+P@10 0.817 -> 0.866; same-shape-pair stays near chance. docs/objectives.md has the table.
 """
 
 from jaxclip.config import sibling
