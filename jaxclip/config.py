@@ -535,6 +535,15 @@ def validate(cfg: ConfigDict) -> None:
     if cfg.model.text.proj_bias and cfg.model.text.head != "none":
         raise ConfigError("model.text.proj_bias belongs to the tower's own projection; with "
                           f"model.text.head={cfg.model.text.head!r} the head has its own bias")
+    views = cfg.data.view_augment
+    if not (len(views.scale) == 2 and 0 < views.scale[0] <= views.scale[1] <= 1
+            and 0 <= views.flip <= 1):
+        raise ConfigError("data.view_augment needs 0 < scale[0] <= scale[1] <= 1 and flip in "
+                          f"[0, 1], got scale={tuple(views.scale)}, flip={views.flip}")
+    head = img.view_head
+    if head.out < 0 or head.depth < 1 or (head.depth > 1 and head.hidden < 1):
+        raise ConfigError("model.image.view_head needs out >= 0 (0: none), depth >= 1 and "
+                          f"hidden >= 1 when depth > 1, got {head.to_dict()}")
     if img.head == "patch_mlp" and img.pool != "cls":
         raise ConfigError("model.image.head='patch_mlp' projects the CLS token and the patch "
                           f"tokens; it needs model.image.pool='cls', got {img.pool!r}")
