@@ -22,21 +22,13 @@ val R@1 0.398 / 0.379 (i2t / t2i) -> 0.362 / 0.330, novel R@1 0.307 / 0.296 -> 0
 The gap closes further, and retrieval is worse at this budget.
 """
 
-import importlib.util
 import math
-import os
 
-
-def _demo():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
-    spec = importlib.util.spec_from_file_location("jaxclip_config_demo_base", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from jaxclip.config import sibling
 
 
 def get_config(arg=None):
-    c = _demo().get_config(arg)
+    c = sibling(__file__, "demo.py").get_config(arg)
     c.model.logit_scale_init = math.log(100.0)  # temperature 0.01, as the paper fixes it
     c.loss = dict(learn_scale=False, aux=dict(align=1.0, uniformity=1.0))
     c.evals.val.geometry = True

@@ -7,20 +7,16 @@ It was proposed for fine-tuning robustness and calibration; here it trains from 
 shapes set so its effect can be compared with the plain demo on the same budget
 (docs/objectives.md).
 
-Measured (300 steps, one seed, 2-core Intel Xeon, 2026-12-07): val R@1 i2t 0.406 / t2i 0.386 against
-the plain demo's 0.398 / 0.379 at the same 300 steps, val modality gap 0.043 against 0.057: no
-effect beyond noise on this data.
+Measured (300 steps, one seed, 2-core Intel Xeon, 2026-12-07): val R@1 i2t 0.406 / t2i 0.386
+against the plain demo's 0.398 / 0.379 at the same 300 steps, val modality gap 0.043 against
+0.057: no effect beyond noise on this data.
 
     jaxclip train --config configs/m2mix_demo.py --workdir runs/m2mix_demo
 """
 
-import importlib.util
-import os
+from jaxclip.config import sibling
 
-_spec = importlib.util.spec_from_file_location(
-    "demo", os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
-demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo)
+demo = sibling(__file__, "demo.py")
 
 
 def get_config(arg=None):

@@ -48,12 +48,14 @@ from jax.sharding import PartitionSpec as P
 
 from jaxclip import config, tree
 from jaxclip.models import towers
+from jaxclip.models.two_tower import Encoded
 from jaxclip.sharding import BATCH_AXES
 
 __all__ = ["check_microbatches", "forward", "loss_and_grads"]
 
 # Top-level parameter subtrees whose values reach each tower's embeddings (TwoTower's layout).
 _TOWER_PARAMS = {m: (m, f"{m}_head") for m in towers.MODALITIES}
+_TOWER_PARAMS["image"] += ("view_head",)  # the image views' projection (image-image terms)
 
 
 def check_microbatches(global_batch: int, batch_divisor: int, k: int) -> None:
@@ -132,9 +134,10 @@ def loss_and_grads(graphdef, params: dict, frozen: dict, images: jax.Array, text
     `jax.value_and_grad(loss_fn, has_aux=True)(params)` does in `train.make_train_step`.
 
     graphdef: the model's graph definition; params / frozen: trainable and frozen pure dicts;
-    images: normalised pixels (B, H, W, 3); text: tokens (B, T); objective: enc -> (loss,
-    metrics) (`losses.objective_over_mesh`). mesh: the step's mesh, whose ("data", "fsdp") split
-    of the batch the micro-batches follow (None: one shard, e.g. a single device).
+    images: normalised pixels (B, H, W, 3), or (B, V, H, W, 3) with V views of each image;
+    text: tokens (B, T); objective: enc -> (loss, metrics) (`losses.objective_over_mesh`).
+    mesh: the step's mesh, whose ("data", "fsdp") split of the batch the micro-batches follow
+    (None: one shard, e.g. a single device).
     grad_shardings: optional shardings of `params`, pinned on the float32 accumulator.
     """
     k = int(microbatches)
@@ -154,18 +157,22 @@ def loss_and_grads(graphdef, params: dict, frozen: dict, images: jax.Array, text
 
     inputs = {"image": images, "text": text}
 
-    # Pass 1: embeddings only.
+    # Pass 1: embeddings only (`forward`: each micro-batch's activations die with its scan
+    # iteration). Kept per modality: what each tower's inputs give ({key: embeddings}, {key:
+    # tokens}, {key: masks}; image views add "image_views"), so that pass 3 can hand every tower
+    # the cotangents of all its outputs.
     def embed(x):
-        enc = model_of(params).encode_all(x, return_tokens=return_tokens)
-        return dataclasses.replace(enc, logit_scale=None, logit_bias=None)
+        model = model_of(params)
+        return {m: model.encode_modality(m, x[m], return_tokens=return_tokens) for m in x}
 
-    rows = forward(embed, inputs, k, mesh)
+    parts = forward(embed, inputs, k, mesh)
     scale, bias = scalars(params)
 
     # Pass 2: the objective once over the whole batch. The mask (bool) is not differentiable,
     # so it rides along as a constant.
-    masks = rows.masks
-    diff = dataclasses.replace(rows, logit_scale=scale, logit_bias=bias, masks={})
+    emb, tokens, masks = ({key: v for part in parts.values() for key, v in part[i].items()}
+                          for i in range(3))
+    diff = Encoded(emb, scale, bias, tokens)
 
     def loss_of(d):
         return objective(dataclasses.replace(d, masks=masks))
@@ -179,21 +186,23 @@ def loss_and_grads(graphdef, params: dict, frozen: dict, images: jax.Array, text
     trained = [m for m in inputs if _trainable(params, m)]
     if trained:
         xs = {m: _split(x, n, k, mesh) for m, x in inputs.items()}
-        grads = _backward(model_of, params, xs, g_enc, trained, n, k, mesh, return_tokens,
-                          grad_shardings, grads)
+        cot = {m: ({key: g_enc.emb[key] for key in parts[m][0]},
+                   {key: g_enc.tokens[key] for key in parts[m][1]}) for m in trained}
+        grads = _backward(model_of, params, xs, cot, n, k, mesh, return_tokens, grad_shardings,
+                          grads)
     return (loss, (metrics, scale, bias)), grads
 
 
-def _backward(model_of, params, xs, g_enc, trained, n, k, mesh, return_tokens, grad_shardings,
-              grads):
-    """Pass 3: per micro-batch, re-embed the trainable towers inside `jax.vjp` and pull the
-    loss's embedding gradient back to the parameters, summed in float32."""
-    cot = {m: (g_enc.emb[m], g_enc.tokens.get(m)) for m in trained}
+def _backward(model_of, params, xs, cot, n, k, mesh, return_tokens, grad_shardings, grads):
+    """Pass 3: per micro-batch, re-embed the trainable towers (the modalities of `cot`, the
+    loss's gradient of their outputs) inside `jax.vjp` and pull it back to the parameters,
+    summed in float32."""
     cot = jax.tree.map(lambda g: _split(g, n, k, mesh), cot)
 
     def towers_of(p, inputs):
         model = model_of(p)
-        return {m: model.encode(m, inputs[m], return_tokens=return_tokens)[:2] for m in trained}
+        return {m: model.encode_modality(m, inputs[m], return_tokens=return_tokens)[:2]
+                for m in cot}
 
     def pin(acc):
         if grad_shardings is None:

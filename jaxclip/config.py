@@ -93,6 +93,11 @@ def defaults() -> ConfigDict:
             # (`image_head/...`) on the unprojected features, trained even when the tower is
             # locked (LiT, frozen encoders + projectors). See jaxclip/models/heads.py.
             head="none",
+            # The projection head of an image-image term (loss.aux.simclr; SLIP): an MLP of
+            # `depth` layers, `hidden` wide, on the tower's pooled features, its L2-normalised
+            # outputs (`out` dims) per view in Encoded.emb["image_views"]. out = 0: no head
+            # (and no parameters: the checkpoint layout of a model without one is unchanged).
+            view_head=ConfigDict(dict(out=0, hidden=512, depth=3)),
         )
     )
     m.text = ConfigDict(
@@ -200,6 +205,12 @@ def defaults() -> ConfigDict:
     # with fewer (for objectives with several positives per image: loss.name = one_to_k).
     d.caption = "random"
     d.captions_per_image = 0  # K of caption = "all"
+    # Crops of each training image (for image-image terms: loss.aux.simclr). With views > 1 the
+    # batch's `image` is (B, views, H, W, 3): view 0 is the crop above (data.augment, what the
+    # image-text loss sees); views 1.. are random resized crops with `view_augment`'s area scale
+    # and aspect ratio, flipped horizontally with probability `flip` (jaxclip.data.pipeline).
+    d.views = 1
+    d.view_augment = ConfigDict(dict(scale=(0.3, 1.0), ratio=(0.75, 1.3333), flip=0.5))
     d.workers = 0  # multiprocess prefetch workers (0 = in-process threads)
     d.prefetch = 2
     # Steps ahead that a background thread reads the next batches and places them on the
@@ -324,6 +335,12 @@ def _load_module(path: str):
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} defines no get_config(arg=None)")
     return module
+
+
+def sibling(config_file: str, name: str):
+    """The module of the config file `name` beside `config_file`, for an experiment that extends
+    another: `sibling(__file__, "demo.py").get_config(arg)`."""
+    return _load_module(os.path.join(os.path.dirname(os.path.abspath(config_file)), name))
 
 
 def _locked(cfg: ConfigDict) -> ConfigDict:
@@ -485,7 +502,7 @@ def validate(cfg: ConfigDict) -> None:
         value = get_path(cfg, path)
         if value not in choices:
             raise ConfigError(f"config key {path!r} must be one of {choices}, got {value!r}")
-    for path in ("train.steps", "train.batch_size", "train.log_every"):
+    for path in ("train.steps", "train.batch_size", "train.log_every", "data.views"):
         if get_path(cfg, path) <= 0:
             raise ConfigError(f"config key {path!r} must be positive, got {get_path(cfg, path)}")
     pair = tuple(cfg.loss.pair)
@@ -518,6 +535,15 @@ def validate(cfg: ConfigDict) -> None:
     if cfg.model.text.proj_bias and cfg.model.text.head != "none":
         raise ConfigError("model.text.proj_bias belongs to the tower's own projection; with "
                           f"model.text.head={cfg.model.text.head!r} the head has its own bias")
+    views = cfg.data.view_augment
+    if not (len(views.scale) == 2 and 0 < views.scale[0] <= views.scale[1] <= 1
+            and 0 <= views.flip <= 1):
+        raise ConfigError("data.view_augment needs 0 < scale[0] <= scale[1] <= 1 and flip in "
+                          f"[0, 1], got scale={tuple(views.scale)}, flip={views.flip}")
+    head = img.view_head
+    if head.out < 0 or head.depth < 1 or (head.depth > 1 and head.hidden < 1):
+        raise ConfigError("model.image.view_head needs out >= 0 (0: none), depth >= 1 and "
+                          f"hidden >= 1 when depth > 1, got {head.to_dict()}")
     if img.head == "patch_mlp" and img.pool != "cls":
         raise ConfigError("model.image.head='patch_mlp' projects the CLS token and the patch "
                           f"tokens; it needs model.image.pool='cls', got {img.pool!r}")

@@ -54,7 +54,11 @@ def train_flops_per_sample(cfg, global_batch: int, teacher_model=None) -> float:
     """`teacher_model`: the model section of a distillation teacher, whose forward pass (only)
     runs in every step too."""
     m = cfg.model
-    fwd = image_forward_flops(m.image, m.embed_dim) + text_forward_flops(m.text, m.embed_dim)
+    # Each of data.views crops of an image runs through the image tower (the small view head
+    # is not counted).
+    views = max(1, cfg.data.get("views", 1))
+    fwd = views * image_forward_flops(m.image, m.embed_dim) + text_forward_flops(m.text,
+                                                                                m.embed_dim)
     fwd += loss_flops_per_sample(cfg.loss, global_batch, m.embed_dim)
     teacher = 0.0
     if teacher_model is not None:

@@ -48,6 +48,7 @@ from jaxclip import (
 from jaxclip.data import prefetch, stream
 from jaxclip.data.images import normalize_images
 from jaxclip.losses.multi_positive import MULTI_CAPTION_OBJECTIVES
+from jaxclip.losses.simclr import VIEW_OBJECTIVES
 from jaxclip.metrics import Goodput, GoodputClock, LogWindow, MetricWriter, NonFiniteLossError
 from jaxclip.preemption import Preempted, PreemptionWatcher
 from jaxclip.tokenizer import from_config as tokenizer_from_config
@@ -206,7 +207,8 @@ def batch_specs(cfg, mesh) -> dict:
     B, size = cfg.train.batch_size, cfg.model.image.image_size
     sh = sharding.batch_sharding(mesh)
     captions = (cfg.data.captions_per_image,) if cfg.data.caption == "all" else ()
-    specs = {"image": jax.ShapeDtypeStruct((B, size, size, 3), jnp.uint8, sharding=sh),
+    views = (cfg.data.views,) if cfg.data.views > 1 else ()  # (B, V, H, W, 3): V crops each
+    specs = {"image": jax.ShapeDtypeStruct((B, *views, size, size, 3), jnp.uint8, sharding=sh),
              "text": jax.ShapeDtypeStruct((B, *captions, cfg.model.text.context_length),
                                           jnp.int32, sharding=sh)}
     if captions:
@@ -231,6 +233,24 @@ def _check_caption_sets(cfg) -> None:
             "image and are not supported with K captions yet")
 
 
+
+
+def _check_views(cfg) -> None:
+    """data.views > 1 and an image-image term (loss.aux.simclr) come together, with a view head."""
+    terms = [f"loss.aux.{n}" for n, w in cfg.loss.aux.items()
+             if float(w) != 0.0 and n in VIEW_OBJECTIVES]
+    if cfg.loss.name in VIEW_OBJECTIVES:  # alone: SLIP's SimCLR-only baseline
+        terms.append(f"loss.name={cfg.loss.name}")
+    if terms and cfg.data.views < 2:
+        raise config.ConfigError(f"{terms[0]} contrasts two views of each image: set "
+                                 f"data.views=2 (it is {cfg.data.views})")
+    if terms and cfg.model.image.view_head.out < 1:
+        raise config.ConfigError(f"{terms[0]} needs a view head: set "
+                                 "model.image.view_head.out (e.g. 128)")
+    if cfg.data.views > 1 and not terms:
+        raise config.ConfigError(f"data.views={cfg.data.views} gives extra crops of each image "
+                                 f"that only an image-image term reads ({VIEW_OBJECTIVES}, "
+                                 "loss.aux); set one or data.views=1")
 
 
 def _setup_metrics(compiled, cfg, n_dev: int, flops_per_sample: float, peak: float | None,
@@ -262,6 +282,7 @@ def preflight(cfg) -> dict:
         raise config.ConfigError(f"loss: {e.args[0] if e.args else e}") from None
     _check_caption_sets(cfg)
     teacher.check(cfg)  # loaded later (build), but a missing path fails before anything starts
+    _check_views(cfg)
     try:
         mesh = sharding.make_mesh(cfg.mesh)
     except ValueError as e:

@@ -45,7 +45,8 @@ def random_tokens(rng, batch, length, eot=99, vocab=100):
 def random_batch(rng, cfg, batch=None):
     b = batch or cfg.train.batch_size
     s = cfg.model.image.image_size
-    return {"image": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
+    views = (cfg.data.views,) if cfg.data.views > 1 else ()
+    return {"image": rng.integers(0, 256, (b, *views, s, s, 3), dtype=np.uint8),
             "text": random_tokens(rng, b, cfg.model.text.context_length,
                                   cfg.model.text.eot_id, cfg.model.text.vocab_size)}
 

@@ -84,21 +84,36 @@ def _assert_same(ref, acc):
     return worst
 
 
+# CLIP + SimCLR over two views of each image (SLIP, loss.aux.simclr): the view embeddings
+# (B, 2, E') are embedded in pass 1 and pulled back through the view head and the image tower in
+# pass 3.
+SLIP = ["data.views=2", "model.image.view_head.out=16", "model.image.view_head.hidden=24",
+        "loss.aux.simclr=1.0"]
+OBJECTIVES = {"clip": [], "siglip": SIGLIP, "slip": SLIP}
+
 # Each loss with each impl, unlocked and with one of the two locked layouts (compile time).
+# CLIP's unlocked ring case runs with the SimCLR term (slip): it adds the image views to what
+# the case checks at no extra compile (the all_gather cases keep plain CLIP).
 CASES = [(loss, impl, lock) for loss in ("clip", "siglip") for impl in ("all_gather", "ring")
          for lock in ("unlocked", "image_locked" if loss == "clip" else "text_locked_head")]
+CASES[CASES.index(("clip", "ring", "unlocked"))] = ("slip", "ring", "unlocked")
 
 
 @pytest.mark.parametrize("loss,impl,lock", CASES, ids=["-".join(c) for c in CASES])
 def test_four_microbatches_equal_the_full_batch(loss, impl, lock):
-    overrides = (SIGLIP if loss == "siglip" else []) + [f"loss.impl={impl}"] + LOCKS[lock]
+    overrides = OBJECTIVES[loss] + [f"loss.impl={impl}"] + LOCKS[lock]
     cfg, m, state, batch = _setup(overrides)
+    if loss == "slip":
+        assert "view_head" in state.params and batch["image"].shape[1] == 2
     if lock == "image_locked":
         assert "image" not in state.params and "image" in state.frozen
     if lock == "text_locked_head":
         assert "text" in state.frozen and "text_head" in state.params
     ref, acc = _reference_and_accumulated(cfg, m, 4)(state, batch)
     worst = _assert_same(ref, acc)
+    if loss == "slip":  # the term ran, and its head learns
+        assert "loss_simclr" in ref[0][1][0]
+        assert np.abs(tree.flatten(jax.device_get(ref[1]))["view_head/fc0/kernel"]).max() > 0
     print(f"{loss}/{impl}/{lock}: loss {float(ref[0][0]):.7f} vs {float(acc[0][0]):.7f}, "
           f"max |grad difference| / max |grad| {worst:.2e}")
     if impl == "all_gather" and lock != "text_locked_head":

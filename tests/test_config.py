@@ -63,6 +63,9 @@ def test_explicit_keys_win_over_model_name(tmp_path):
     ("train.steps", "must look like key=value"),
     ("model.image.pool=max", "must be one of"),
     ("train.batch_size=0", "must be positive"),
+    ("data.views=0", "'data.views' must be positive"),
+    ("data.view_augment.scale=(0.5, 1.5)", "data.view_augment needs 0 < scale"),
+    ("model.image.view_head.depth=0", "model.image.view_head needs out >= 0"),
 ])
 def test_bad_overrides_name_the_key(cfg_file, override, message):
     with pytest.raises(config.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

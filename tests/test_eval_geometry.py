@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxclip.evals import geometry, retrieval
+from jaxclip.evals import geometry, intra, retrieval
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
@@ -133,3 +133,24 @@ def test_mrv_from_retrieval_ranks_with_shuffled_captions():
     assert geometry.mean_rank_variance(grouped) == pytest.approx(want, rel=1e-12)
     with pytest.raises(ValueError, match="same number"):
         geometry.group_ranks(ranks[:-1], t2i[:-1])
+
+
+def test_same_label_precision_matches_a_loop_reference():
+    """Intra-modal P@k (evals/intra.py) against a per-query full sort, in several chunks."""
+    rng = np.random.default_rng(7)
+    emb = rng.normal(size=(50, 6)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    labels = rng.integers(0, 4, 50)
+    got = intra.same_label_precision(emb, labels, (1, 5), chunk=16)
+    for k in (1, 5):
+        want = []
+        for q in range(50):
+            s = (emb @ emb[q]).astype(np.float64)
+            s[q] = -np.inf
+            want.append(np.mean(labels[np.argsort(-s)[:k]] == labels[q]))
+        assert got[f"i2i_p{k}"] == pytest.approx(np.mean(want), rel=1e-9)
+    same = labels[:, None] == labels[None, :]
+    assert got["i2i_chance"] == pytest.approx((same.sum() - 50) / (50 * 49), rel=1e-9)
+    # Embeddings that are their label (one-hot): every neighbour shares it.
+    perfect = intra.same_label_precision(np.eye(4)[labels], labels, (1, 5))
+    assert perfect["i2i_p1"] == perfect["i2i_p5"] == 1.0

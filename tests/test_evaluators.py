@@ -15,7 +15,16 @@ import pytest
 from jaxclip import config, runtime
 from jaxclip.data import build
 from jaxclip.data.sources import fashion_mnist
-from jaxclip.evals import Evaluators, evaluate, evaluators, geometry, hubness, resolve, retrieval
+from jaxclip.evals import (
+    Evaluators,
+    evaluate,
+    evaluators,
+    geometry,
+    hubness,
+    intra,
+    resolve,
+    retrieval,
+)
 from jaxclip.tokenizer import from_config
 
 RELATIONS = ["above", "below", "to the left of", "to the right of"]
@@ -168,7 +177,8 @@ def test_retrieval_options_match_the_numerical_core(model_and_params):
     base = dict(type="retrieval", dataset="shapes_small", split="val", max_examples=96,
                 ks=(1, 5))
     cfg = tiny_cfg(
-        q=dict(base, postproc="qbnorm", bank_size=160, geometry=True, skew_k=5, beta=10.0),
+        q=dict(base, postproc="qbnorm", bank_size=160, geometry=True, skew_k=5, beta=10.0,
+               intra_label="relation"),
         d=dict(base, postproc="dbnorm", bank_split="train", bank_size=160, dynamic=True),
     )
     ev = runner(m, cfg)
@@ -198,6 +208,9 @@ def test_retrieval_options_match_the_numerical_core(model_and_params):
         assert got[f"eval/d/dbnorm_{k}"] == v, k
     for k, v in geo.items():
         assert got[f"eval/q/{k}"] == pytest.approx(v, rel=1e-6), k
+    intra_metrics = intra.same_label_precision(img, data.label("relation", "test"), (1, 5))
+    assert {k: got[f"eval/q/{k}"] for k in intra_metrics} == intra_metrics
+    assert "eval/d/i2i_p1" not in got
     n5 = hubness.k_occurrence(txt, img, 5)
     assert got["eval/q/t2i_skew5"] == pytest.approx(hubness.skewness(n5), rel=1e-9)
     qn5 = hubness.k_occurrence(txt, img, 5, postproc=hubness.QBNorm(btxt, beta=10.0))

@@ -144,3 +144,29 @@ def test_masked_mean_counts_real_positions_only():
     np.testing.assert_allclose(mean[0], x[0, :2].mean(0))
     np.testing.assert_array_equal(mean[1], 0.0)  # nothing to average: 0, not NaN
     np.testing.assert_allclose(L.masked_mean(x[..., 0], mask), x[0, :2, 0].mean())
+
+
+def test_image_views_through_the_view_head():
+    """data.views > 1: the view head maps every view, view 0 alone gives the image-text
+    embedding (the one-view model's), and a model without the head has no such parameters."""
+    plain_cfg = tiny_config()
+    cfg = tiny_config(**{"model.image.view_head.out": 8, "model.image.view_head.hidden": 16})
+    plain, model = build_model(plain_cfg.model), build_model(cfg.model)
+    state, plain_state = (nnx.to_pure_dict(nnx.state(m)) for m in (model, plain))
+    assert "view_head" not in plain_state  # old checkpoints' layout, unchanged
+    assert sorted(state["view_head"]) == ["fc0", "fc1", "fc2", "ln0", "ln1"]
+    assert state["view_head"]["fc0"]["kernel"].shape == (32, 16)
+    # Parameters are drawn in path order and view_head sorts last: the towers start the same.
+    for a, b in zip(jax.tree.leaves({k: v for k, v in state.items() if k != "view_head"}),
+                    jax.tree.leaves(plain_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    rng = np.random.default_rng(1)
+    views = jnp.asarray(rng.normal(size=(3, 2, 16, 16, 3)), jnp.float32)
+    out = jitted(model, "encode_all")({"image": views})
+    assert out.emb["image_views"].shape == (3, 2, 8)
+    np.testing.assert_allclose(jnp.linalg.norm(out.emb["image_views"], axis=-1), 1.0, rtol=1e-6)
+    one = jitted(plain, "encode_image")(views[:, 0])[0]
+    np.testing.assert_allclose(out.emb["image"], one, atol=1e-5)
+    assert not np.allclose(out.emb["image_views"][:, 0], out.emb["image_views"][:, 1])
+    with pytest.raises(ValueError, match="needs a view head"):
+        plain.encode_all({"image": views})

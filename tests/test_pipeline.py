@@ -31,8 +31,8 @@ def dataset(tmp_path_factory):
 
 
 def _batches(dataset, *, start=0, host_index=0, host_count=1, n=3, batch=16, workers=0,
-             augment="none"):
-    transform = pipeline.ElementTransform(image_size=32, augment=augment, seed=3)
+             augment="none", views=1):
+    transform = pipeline.ElementTransform(image_size=32, augment=augment, seed=3, views=views)
     it = pipeline.train_batches([(dataset, "train", 1.0)], transform=transform,
                                 tokenizer=WordTokenizer(), context_length=8, global_batch=batch,
                                 start_step=start, host_index=host_index, host_count=host_count,
@@ -64,6 +64,39 @@ def test_resuming_at_a_step_continues_the_same_stream(dataset):
     for x, y in zip(full[5:], resumed):
         np.testing.assert_array_equal(x["image"], y["image"])
         np.testing.assert_array_equal(x["text"], y["text"])
+
+
+def test_views_are_independent_crops_that_resume_and_split_over_hosts_exactly(dataset):
+    """data.views = 2: view 0 is the one-view batch's image, view 1 another crop of the same
+    image, each a function of (seed, stream index, view): a resumed run and a second host see
+    the same views."""
+    one = _batches(dataset, n=6, augment="rrc")
+    two = _batches(dataset, n=6, augment="rrc", views=2)
+    assert two[0]["image"].shape == (16, 2, 32, 32, 3) and two[0]["image"].dtype == np.uint8
+    for x, y in zip(one, two):
+        np.testing.assert_array_equal(y["image"][:, 0], x["image"])
+        np.testing.assert_array_equal(y["text"], x["text"])
+    # The second view is a different crop (almost surely: scale 0.3-1 and a coin-flip mirror).
+    differ = [not np.array_equal(v[0], v[1]) for b in two for v in b["image"]]
+    assert np.mean(differ) > 0.9
+    resumed = _batches(dataset, start=4, n=2, augment="rrc", views=2)
+    for x, y in zip(two[4:], resumed):
+        np.testing.assert_array_equal(x["image"], y["image"])
+    halves = [_batches(dataset, host_index=h, host_count=2, n=1, augment="rrc", views=2)[0]
+              for h in (0, 1)]
+    np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]), two[0]["image"])
+
+
+def test_a_view_is_the_crop_and_flip_its_generator_draws():
+    """ViewAugment on a known picture: the crop box and the flip come from the generator."""
+    img = np.arange(40 * 30 * 3, dtype=np.uint8).reshape(30, 40, 3)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    aug = pipeline.ViewAugment(scale=(0.5, 0.5), ratio=(1.0, 1.0), flip=1.0)
+    out = aug(buf.getvalue(), (40, 30), img, np.random.default_rng(0), 21)
+    box = images.random_resized_box(40, 30, np.random.default_rng(0), (0.5, 0.5), (1.0, 1.0))
+    np.testing.assert_array_equal(out, images.crop_resize(img, box, 21)[:, ::-1])
+    assert not np.array_equal(out, images.crop_resize(img, box, 21))
 
 
 def test_epochs_are_reshuffled_and_cover_every_record(dataset):

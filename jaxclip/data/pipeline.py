@@ -12,6 +12,12 @@ batches are formed before grain's (thread or process) prefetch, which only paral
 batches and keeps their order. The per-element random augmentation is seeded by (seed, global
 index), so it too is independent of the host layout.
 
+With `views` V > 1 (data.views, for an image-image term such as SimCLR's) each record gives V
+crops of its image, `image` (b, V, H, W, 3). View 0 is drawn exactly as with one view (same
+generator, same augmentation), so the contrastive pair is unchanged; view v >= 1 has its own
+generator seeded by (seed, global index, v) and the `view_augment` settings, so every view is a
+pure function of (seed, stream index, view) and resumes exactly.
+
 Per element (unavoidably Python): msgpack decode, image decode and crop/resize (OpenCV, see
 `jaxclip.data.images`). Per batch (vectorised): caption tokenisation (`encode_batch`) and
 stacking. Images leave the host as uint8; normalisation to float happens on device
@@ -48,6 +54,28 @@ _MAX_REPLACEMENTS = 64
 
 
 @dataclasses.dataclass(frozen=True)
+class ViewAugment:
+    """The augmentation of the extra views (v >= 1): a random resized crop and a horizontal flip.
+
+    SimCLR (Chen et al. 2020, arXiv 2002.05709) finds the crop the augmentation that matters most
+    for image-image contrast; its colour distortion is left out here (the demo's captions name
+    colours, which such a term would teach the image tower to ignore)."""
+
+    scale: tuple[float, float] = (0.3, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: float = 0.5  # probability of a horizontal flip
+
+    def __call__(self, data: bytes, dims: tuple[int, int], arr: np.ndarray | None,
+                 rng: np.random.Generator, size: int) -> np.ndarray:
+        box = random_resized_box(*dims, rng, self.scale, self.ratio)
+        flip = rng.random() < self.flip
+        if arr is None:
+            arr, box = decode_for_box(data, box, size)
+        out = crop_resize(arr, box, size)
+        return np.ascontiguousarray(out[:, ::-1]) if flip else out
+
+
+@dataclasses.dataclass(frozen=True)
 class ElementTransform:
     """Record bytes -> (uint8 image, caption). Picklable, for grain worker processes.
 
@@ -63,10 +91,14 @@ class ElementTransform:
     caption: str = "random"  # random | first | all
     seed: int = 0
     captions_per_image: int = 0  # K of caption="all"
+    views: int = 1  # crops per image; > 1 gives (V, H, W, 3) images (see the module docstring)
+    view_augment: ViewAugment = ViewAugment()
 
     def __post_init__(self):
         if self.caption == "all" and self.captions_per_image < 1:
             raise ValueError("caption='all' needs captions_per_image >= 1")
+        if self.views < 1:
+            raise ValueError(f"views must be >= 1, got {self.views}")
 
     def __call__(self, raw: bytes, index: int) -> tuple[np.ndarray, str | list[str]]:
         record = records.decode_record(raw)
@@ -80,6 +112,7 @@ class ElementTransform:
             box = random_resized_box(*dims, rng, self.scale, self.ratio)
         else:
             box = center_box(*dims)
+        full = arr  # the whole image when it is not a JPEG, else None
         if arr is None:
             arr, box = decode_for_box(data, box, self.image_size)
         captions = record["captions"]
@@ -92,7 +125,14 @@ class ElementTransform:
             text = captions[rng.integers(len(captions))]
         else:
             text = captions[0]
-        return crop_resize(arr, box, self.image_size), text
+        image = crop_resize(arr, box, self.image_size)
+        if self.views == 1:
+            return image, text
+        # A fully decoded image (not a JPEG) is cropped again; a JPEG is decoded again per view
+        # at the scale that view's box needs.
+        extra = [self.view_augment(data, dims, full, np.random.default_rng([self.seed, index, v]),
+                                   self.image_size) for v in range(1, self.views)]
+        return np.stack([image, *extra]), text
 
 
 class StepBatches(grain.MapDataset):

@@ -79,11 +79,13 @@ def image_size(cfg) -> int:
 
 def train_stream(cfg, start_step: int, tokenizer):
     """Host batches for steps start_step, start_step + 1, ... of this process."""
-    aug = cfg.data.augment
+    aug, views = cfg.data.augment, cfg.data.view_augment
     transform = pipeline.ElementTransform(
         image_size=image_size(cfg), augment=aug.kind, scale=tuple(aug.scale),
         ratio=tuple(aug.ratio), caption=cfg.data.caption, seed=seed(cfg),
-        captions_per_image=cfg.data.captions_per_image)
+        captions_per_image=cfg.data.captions_per_image, views=cfg.data.views,
+        view_augment=pipeline.ViewAugment(scale=tuple(views.scale), ratio=tuple(views.ratio),
+                                          flip=float(views.flip)))
     return pipeline.train_batches(
         mixture(cfg), transform=transform, tokenizer=tokenizer,
         context_length=cfg.model.text.context_length, global_batch=cfg.train.batch_size,

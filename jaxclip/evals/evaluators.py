@@ -60,7 +60,7 @@ import numpy as np
 
 from jaxclip.data import builtin, records, stream
 from jaxclip.data.images import decode_image, resize_center
-from jaxclip.evals import geometry, hubness, prompts, zeroshot
+from jaxclip.evals import geometry, hubness, intra, prompts, zeroshot
 from jaxclip.evals.registry import register
 from jaxclip.evals.retrieval import DEFAULT_QUERY_CHUNK, retrieval_metrics
 
@@ -248,12 +248,15 @@ LATE_BLOCK_FLOATS = 1 << 25
 def _check_retrieval(where: str, spec) -> None:
     _check_ks(where, spec["ks"])
     _check_common(where, spec)
+    if not isinstance(spec["intra_label"], str):
+        raise ValueError(f"{where}: intra_label must be a record label's name (or \"\"), got "
+                         f"{spec['intra_label']!r}")
     if spec["postproc"] not in POSTPROCS:
         raise ValueError(f"{where}: postproc must be one of {POSTPROCS}, got {spec['postproc']!r}")
     if spec["scoring"] not in SCORINGS:
         raise ValueError(f"{where}: scoring must be one of {SCORINGS}, got {spec['scoring']!r}")
-    late_only = [k for k in ("postproc", "geometry", "skew_k")
-                 if spec["scoring"] == "late" and spec[k] not in ("none", False, 0)]
+    late_only = [k for k in ("postproc", "geometry", "skew_k", "intra_label")
+                 if spec["scoring"] == "late" and spec[k] not in ("none", False, 0, "")]
     if late_only:
         raise ValueError(f"{where}: scoring='late' ranks by token-set late interaction, which "
                          f"{late_only} (defined on pooled embeddings) cannot use; add a second "
@@ -322,7 +325,10 @@ def _skew(img, txt, k, mesh, query_chunk, postproc=None) -> dict[str, float]:
           geometry=False, skew_k=0, mrv=True, mrv_reduce="var",
           # pooled: cosine of the pooled embeddings; late: FILIP's token-wise late interaction
           # (each direction scored as FILIP trains it: s^I for image queries, s^T for text ones).
-          scoring="pooled")
+          scoring="pooled",
+          # Intra-modal retrieval (intra.py): with a record label's name, image->image P@k
+          # (k in ks) of same-label neighbours, i2i_p{k}, and its chance level i2i_chance.
+          intra_label="")
 def retrieval(ctx, spec, params) -> dict[str, float]:
     where = f"evals.{spec['name']}"
     data = load_eval_set(ctx, _dataset(ctx, spec), spec["split"], spec["max_examples"])
@@ -348,6 +354,9 @@ def retrieval(ctx, spec, params) -> dict[str, float]:
         out.update(geometry.geometry_metrics(img, txt, t2i, mesh=mesh, query_chunk=chunk))
     if spec["skew_k"]:
         out.update(_skew(img, txt, spec["skew_k"], mesh, chunk))
+    if spec["intra_label"]:
+        labels = data.label(spec["intra_label"], where)
+        out.update(intra.same_label_precision(img, labels, tuple(spec["ks"])))
     if spec["postproc"] != "none":
         bank_name = spec["bank_dataset"] or _dataset(ctx, spec)
         bank = load_eval_set(ctx, bank_name, spec["bank_split"], spec["bank_size"])

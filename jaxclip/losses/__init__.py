@@ -7,6 +7,7 @@
     jaxclip.losses.kd_loss(image_emb, text_emb, logit_scale,
                            teacher_image_emb, teacher_text_emb, teacher_logit_scale) -> scalar
     jaxclip.losses.modx_loss(image_emb, text_emb, old_image_emb, old_text_emb)  -> scalar
+    jaxclip.losses.simclr_loss(view_a, view_b, temperature)                     -> scalar
 
 take the whole (global) batch; with `impl="ring"|"all_gather", mesh=mesh` they run sharded over
 the mesh's batch axes (the arrays may be globally sharded). Inside the train step the same
@@ -33,6 +34,7 @@ from jaxclip.losses import (  # noqa: F401  (registers the objectives)
     geometry,
     mixup,
     multi_positive,
+    simclr,
     tokenwise,
     weighted,
 )
@@ -163,6 +165,24 @@ def modx_loss(image_emb, text_emb, old_image_emb, old_text_emb, *, temperature: 
     return _over_mesh(_loss_cfg(name="modx", impl=impl, modx=own), mesh, enc)
 
 
+def simclr_loss(view_a, view_b, temperature: float = 0.1, *, impl: str = "dense",
+                mesh=None) -> jax.Array:
+    """SimCLR's NT-Xent (SLIP's image-image term, losses/simclr.py) over a global batch.
+
+    view_a, view_b (B, E): L2-normalised projections of two views of each of B images; each
+    view's positive is its image's other view, its negatives the other 2B - 2 views. temperature
+    τ is fixed (SLIP: 0.1). `impl` ("all_gather" | "dense") and `mesh` as in `clip_loss`.
+    """
+    views = jnp.stack([jnp.asarray(view_a), jnp.asarray(view_b)], axis=1)
+    if mesh is not None:
+        views = jax.device_put(views, jax.sharding.NamedSharding(mesh, P(BATCH_AXES)))
+    cfg = _loss_cfg(name="simclr", impl=impl, simclr=dict(temperature=float(temperature)))
+    # The pair is unused by the term; the views ride in Encoded next to a stand-in pair.
+    enc = Encoded({"image": views[:, 0], "text": views[:, 1], simclr.VIEWS_KEY: views},
+                  jnp.float32(0.0))
+    return _over_mesh(cfg, mesh, enc)
+
+
 def total_objective(loss_cfg):
     """fn(enc, axis) -> (loss, metrics): the main objective plus weighted auxiliary terms."""
     main = get(loss_cfg.name)
@@ -181,7 +201,7 @@ def total_objective(loss_cfg):
         gap = geometry.modality_gap(*jax.lax.stop_gradient((enc.x, enc.y)), axis,
                                     enc.x_present, enc.y_present)
         if loss_cfg.impl == "ring":
-            enc = enc.with_pair(*after((enc.x, enc.y), gap, axis))
+            enc = dataclasses.replace(enc, emb=after(enc.emb, gap, axis))
         loss, metrics = main.fn(enc, loss_cfg, axis)
         metrics = dict(metrics, modality_gap=gap)
         if aux:
@@ -191,8 +211,8 @@ def total_objective(loss_cfg):
             # after the ring's forward loop and its backward pass before the ring's backward
             # loop (core.after). The all_gather form has no loop to order against.
             term_enc = enc
-            if loss_cfg.impl == "ring":
-                term_enc = enc.with_pair(*after((enc.x, enc.y), loss, axis))
+            if loss_cfg.impl == "ring":  # every embedding a term may read (image_views too)
+                term_enc = dataclasses.replace(enc, emb=after(enc.emb, loss, axis))
             value, term_metrics = objective.fn(term_enc, loss_cfg, axis)
             metrics.update(term_metrics)  # a term's own diagnostics (m2mix_lambda, ...)
             metrics[f"loss_{name}"] = value
@@ -243,4 +263,4 @@ def objective_over_mesh(loss_cfg, mesh):
 
 __all__ = ["Objective", "check_config", "clip_loss", "cwcl_loss", "filip_loss", "get", "kd_loss",
            "modx_loss", "names", "needs_teacher", "needs_tokens", "objective_over_mesh",
-           "one_to_k_loss", "register", "siglip_loss", "total_objective"]
+           "one_to_k_loss", "register", "siglip_loss", "simclr_loss", "total_objective"]

@@ -19,6 +19,8 @@ width of the per-token MLP is embed_dim.
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 from flax import nnx
 
@@ -89,3 +91,34 @@ class Head(nnx.Module):
         if not self.text:
             return self.tokens(pooled) + per_token.mean(axis=1), per_token
         return self.mlp(L.masked_mean(per_token, mask, axis=1)), per_token
+
+
+class ViewHead(nnx.Module):
+    """The projection head of an image-image contrastive term (SimCLR, Chen et al. 2020, arXiv
+    2002.05709; SLIP, Mu et al. 2021, arXiv 2112.12750): an MLP of `depth` linear layers on the
+    image tower's pooled features (before the image-text projection), `hidden` wide, `out` out.
+
+    SLIP's head is 3 layers, 4096 hidden, 256 out, with BatchNorm + ReLU between the layers.
+    Batch statistics would couple the rows of a step (and the micro-batches of an accumulated
+    one, whose passes must be the same function of each row), so LayerNorm takes BatchNorm's
+    place here."""
+
+    def __init__(self, width: int, hidden: int, out: int, depth: int):
+        if depth < 1 or out < 1 or (depth > 1 and hidden < 1):
+            raise ValueError(f"view head: needs depth >= 1, out >= 1 and hidden >= 1 with "
+                             f"depth > 1; got depth={depth}, hidden={hidden}, out={out}")
+        dims = [width, *[hidden] * (depth - 1), out]
+        # Named attributes (fc0, ln0, fc1, ...), not a list: parameter paths stay string keys.
+        for i, (a, b) in enumerate(itertools.pairwise(dims)):
+            setattr(self, f"fc{i}", _dense(a, b, "embed" if i == 0 else None))
+            if i < depth - 1:
+                setattr(self, f"ln{i}", L.LayerNorm(b, eps=1e-5))
+        self.depth = depth
+
+    def __call__(self, pooled: jax.Array) -> jax.Array:
+        x = pooled
+        for i in range(self.depth):
+            x = getattr(self, f"fc{i}")(x)
+            if i < self.depth - 1:
+                x = jax.nn.relu(getattr(self, f"ln{i}")(x))
+        return x

@@ -62,8 +62,10 @@ class ImageTower(nnx.Module):
             raise ValueError("model.image.pool='cls' needs model.image.class_token=True")
 
     def __call__(self, images: jax.Array, *, dtype=jnp.float32, scan=True, remat="none",
-                 attn_impl="xla", return_tokens=False):
-        """images: (B, H, W, 3) float, normalised. Returns (pooled (B, E), patch tokens or None)."""
+                 attn_impl="xla", return_tokens=False, project=True):
+        """images: (B, H, W, 3) float, normalised. Returns (pooled (B, E), patch tokens or None).
+        `project=False` returns the features before the tower's own projection (width F), for
+        a head that reads them (the view head of an image-image term); `project` maps them."""
         B, H, W, C = images.shape
         if (self.image_size, self.image_size, 3) != (H, W, C):
             raise ValueError(f"image tower expects (B, {self.image_size}, {self.image_size}, 3) "
@@ -86,8 +88,12 @@ class ImageTower(nnx.Module):
             pooled = patches.mean(axis=1)
         else:
             pooled = self.map_head(x, attn_impl)
+        features = pooled, patches if return_tokens else None
+        return self.project(*features, dtype=dtype) if project else features
+
+    def project(self, pooled: jax.Array, tokens: jax.Array | None, *, dtype=jnp.float32):
+        """The tower's own projection (none with a separate head) of pooled and token features."""
         if self.proj is None:
-            return pooled, patches if return_tokens else None
+            return pooled, tokens
         proj = self.proj[...].astype(dtype)
-        tokens = patches @ proj if return_tokens else None
-        return pooled @ proj, tokens
+        return pooled @ proj, None if tokens is None else tokens @ proj

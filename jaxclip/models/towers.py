@@ -16,8 +16,11 @@ The module's call is the modality's contract. Both take `dtype`, `return_tokens`
   image  `tower(images (B, H, W, 3) float) -> (emb (B, F), tokens (B, N, F) | None)`
   text   `tower(tokens (B, T) int32) -> (emb (B, F), tokens (B, T, F) | None, mask (B, T) bool)`
 F is `embed_dim` when the tower projects itself (`head = "none"`), else its width (a separate
-head projects it). `model.<modality>.kind = "<kind>"` selects the kind; the section's shared keys
-(width, depth, heads, locked, remat, head, ...) mean the same for every kind.
+head projects it). An image tower that serves a view head (`model.image.view_head`, for an
+image-image term) also takes `project=False`, returning its features before its own projection,
+and has `project(pooled, tokens, dtype=)` to apply that projection.
+`model.<modality>.kind = "<kind>"` selects the kind; the section's shared keys (width, depth,
+heads, locked, remat, head, ...) mean the same for every kind.
 
 A new tower is one module that calls `register` and one config line; see docs/architecture.md.
 """

@@ -13,6 +13,12 @@ ViT (image.py), the CLIP transformer (text.py) or a BERT encoder (bert.py). A to
 with `head != "none"` returns unprojected features and a separate head (heads.py, `image_head` /
 `text_head`) projects them; a locked tower is cut off by stop_gradient before its head, so no
 backward pass is built through it while the head trains.
+
+Images given as (B, V, H, W, 3), V views of each image (data.views), feed an image-image term:
+all B·V crops run through the image tower, the view head (`model.image.view_head`, heads.py)
+maps their unprojected pooled features to `emb["image_views"]` (B, V, E'), and view 0 alone is
+projected into `emb["image"]`, the image-text pair's embedding. (SLIP used a third crop for the
+image-text loss; reusing view 0 saves a forward pass per image.)
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from flax import nnx
 from jaxclip import sharding
 from jaxclip.models import towers
 from jaxclip.models.bert import BertTower
-from jaxclip.models.heads import Head
+from jaxclip.models.heads import Head, ViewHead
 from jaxclip.models.image import ImageTower
 from jaxclip.models.init import draw_params
 from jaxclip.models.text import TextTower
@@ -51,7 +57,8 @@ class Encoded:
     modality has K inputs per row). `image_emb` / `text_emb` name the modalities.
     """
 
-    emb: dict[str, jax.Array]  # modality -> (B, E) L2-normalised, float32
+    # modality -> (B, E) L2-normalised, float32; with image views also "image_views" (B, V, E')
+    emb: dict[str, jax.Array]
     logit_scale: jax.Array | None  # () raw parameter (log-scale or temperature)
     logit_bias: jax.Array | None = None  # ()
     tokens: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # (B, N, E) per token
@@ -133,6 +140,11 @@ class TwoTower(nnx.Module):
             # resolved per attention call (layers.resolve_attn_impl: backend, dtype, head dim).
             self.runs[m] = dict(run, remat=section.get("remat") or cfg.remat)
             self.locked[m] = section.locked
+        views = cfg.image.get("view_head", {}).get("out", 0)
+        # Named to sort after every other subtree: parameters are drawn in path order
+        # (init.draw_params), so the towers start the same with or without the view head.
+        self.view_head = (ViewHead(cfg.image.width, cfg.image.view_head.hidden, views,
+                                   cfg.image.view_head.depth) if views else None)
         self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32), axes=(),
                                      init=("value",))
         self.logit_bias = (nnx.Param(jnp.asarray(cfg.logit_bias_init, jnp.float32), axes=(),
@@ -168,6 +180,45 @@ class TwoTower(nnx.Module):
             tokens = tokens if return_tokens else None
             return (*_embeddings(emb, tokens), mask)
 
+    def encode_views(self, images: jax.Array, *, return_tokens: bool = False):
+        """(view-0 embeddings (B, E), view-0 tokens or None, view embeddings (B, V, E')) of
+        images (B, V, H, W, 3): the view head on every view, the image-text projection on view
+        0 (see the module docstring)."""
+        if self.view_head is None:
+            raise ValueError(f"images of shape {images.shape} hold several views of each image "
+                             "(data.views > 1), which only an image-image term reads; it needs "
+                             "a view head: set model.image.view_head.out")
+        if self.image_head is not None and self.image_head.kind == "patch_mlp":
+            raise ValueError("model.image.view_head reads the pooled features; it is not "
+                             "supported with model.image.head='patch_mlp'")
+        rows = images.shape[:2]
+        with sharding.activation_mesh(self.logit_scale[...]):
+            # Row-major: each image's V views stay in its batch block (as K captions do).
+            pooled, tokens = self.image(images.reshape(-1, *images.shape[2:]), dtype=self.dtype,
+                                        return_tokens=return_tokens, project=False,
+                                        **self.runs["image"])
+            if self.locked["image"]:
+                pooled, tokens = jax.lax.stop_gradient((pooled, tokens))
+            views = self.view_head(pooled).reshape(*rows, -1)
+            first = jax.tree.map(lambda a: a.reshape(*rows, *a.shape[1:])[:, 0], (pooled, tokens))
+            emb, tokens = self.image.project(*first, dtype=self.dtype)
+            if self.image_head is not None:
+                emb, tokens = self.image_head(emb, tokens)
+            views = sharding.constrain(l2_normalize(views), ("act_batch", None, None))
+            return (*_embeddings(emb, tokens), views)
+
+    def encode_modality(self, modality: str, inputs: jax.Array, *, return_tokens: bool = False):
+        """What one modality's inputs add to `Encoded`: ({key: embeddings}, {key: tokens},
+        {key: masks}), keyed by the modality, plus "image_views" for images with views."""
+        if modality == "image" and inputs.ndim == 5:
+            emb, tokens, views = self.encode_views(inputs, return_tokens=return_tokens)
+            return ({"image": emb, "image_views": views},
+                    {"image": tokens} if return_tokens else {}, {})
+        emb, tokens, mask = self.encode(modality, inputs, return_tokens=return_tokens)
+        if not return_tokens:
+            return {modality: emb}, {}, {}
+        return {modality: emb}, {modality: tokens}, {} if mask is None else {modality: mask}
+
     def encode_image(self, images: jax.Array, *, return_tokens: bool = False):
         return self.encode("image", images, return_tokens=return_tokens)[:2]
 
@@ -178,11 +229,9 @@ class TwoTower(nnx.Module):
         """`Encoded` of a batch {modality: inputs}; tokens and masks only with return_tokens."""
         emb, tokens, masks = {}, {}, {}
         for m, x in inputs.items():
-            emb[m], tok, mask = self.encode(m, x, return_tokens=return_tokens)
-            if return_tokens:
-                tokens[m] = tok
-                if mask is not None:
-                    masks[m] = mask
+            for out, part in zip((emb, tokens, masks),
+                                 self.encode_modality(m, x, return_tokens=return_tokens)):
+                out.update(part)
         bias = None if self.logit_bias is None else self.logit_bias[...]
         return Encoded(emb, self.logit_scale[...], bias, tokens, masks)
 
