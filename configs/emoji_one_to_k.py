@@ -26,7 +26,13 @@ Measured effect: only a short, single-seed check so far (2-core CPU under heavy 
   eval  t2i_mrv (var)     1500         1681          (lower: phrasings ranked more alike)
   names t2i R@1 / R@10    0.053/0.332  0.053/0.312   (bare names, as configs/emoji.py)
 Recall differences are within what one seed at 120 steps can tell apart; MRV is 11% lower, the
-direction the paper reports. The full 1,500-step comparison has not been run.
+direction the paper reports. At train.steps=500 (Intel Xeon, 2026-12-07, ~25 min each) it turns:
+                          one_to_k     clip (:clip)
+  eval  t2i R@1 / R@10    0.252/0.537  0.231/0.530
+  eval  i2t R@1 / R@10    0.217/0.415  0.217/0.411
+  eval  t2i_mrv (var)     667          561           (now higher for 1-to-K)
+  names t2i R@1 / R@10    0.246/0.533  0.230/0.525
+One seed each; the full 1,500-step comparison has not been run (docs/objectives.md).
 """
 
 import ml_collections
