@@ -89,14 +89,19 @@ def _assert_same(ref, acc):
 # pass 3.
 SLIP = ["data.views=2", "model.image.view_head.out=16", "model.image.view_head.hidden=24",
         "loss.aux.simclr=1.0"]
-OBJECTIVES = {"clip": [], "siglip": SIGLIP, "slip": SLIP}
+# CWCL with its weight tower (the image) locked: the weights come from the full batch's frozen
+# embeddings in pass 2, which accumulation must not change.
+OBJECTIVES = {"clip": [], "siglip": SIGLIP, "slip": SLIP,
+              "cwcl": ["loss.name=cwcl", "loss.cwcl.weight_tower=image"]}
 
 # Each loss with each impl, unlocked and with one of the two locked layouts (compile time).
 # CLIP's unlocked ring case runs with the SimCLR term (slip): it adds the image views to what
-# the case checks at no extra compile (the all_gather cases keep plain CLIP).
+# the case checks at no extra compile; its locked all_gather case runs CWCL (weights from the
+# locked image tower).
 CASES = [(loss, impl, lock) for loss in ("clip", "siglip") for impl in ("all_gather", "ring")
          for lock in ("unlocked", "image_locked" if loss == "clip" else "text_locked_head")]
 CASES[CASES.index(("clip", "ring", "unlocked"))] = ("slip", "ring", "unlocked")
+CASES[CASES.index(("clip", "all_gather", "image_locked"))] = ("cwcl", "all_gather", "image_locked")
 
 
 @pytest.mark.parametrize("loss,impl,lock", CASES, ids=["-".join(c) for c in CASES])
