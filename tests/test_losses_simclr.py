@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxclip
 from jaxclip import config, losses, sharding, train
+from jaxclip.interop import export, hf_clip, tensorfile
 from jaxclip.metrics import read_metrics
 from jaxclip.models import Encoded, l2_normalize
 
@@ -138,3 +140,9 @@ def test_slip_demo_trains_and_logs_the_term(tmp_path, monkeypatch):
             assert np.isfinite(row[key]), key
         assert row["loss_simclr"] > 0 and 0 <= row["simclr_acc"] <= 1
         assert row["loss"] == pytest.approx(row["loss_clip"] + row["loss_simclr"], rel=1e-5)
+    # The view head serves training only: an export leaves it out and loads as an encoder.
+    out = str(tmp_path / "hf")
+    export.export(str(tmp_path / "run"), out, "hf")
+    names = tensorfile.read_header(os.path.join(out, hf_clip.WEIGHTS))[0]
+    assert names and not [n for n in names if "view" in n]
+    assert jaxclip.load(out).embed_texts(["a red circle"]).shape == (1, cfg.model.embed_dim)

@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxclip import checkpoint, runtime, tree
 from jaxclip.interop import hf_clip, mapping, openclip, sources, tensorfile
+from jaxclip.models.two_tower import TRAINING_ONLY
 
 FORMATS = ("hf", "open_clip")
 
@@ -161,6 +162,10 @@ def export(path: str, out: str, fmt: str, *, step: int | None = None) -> None:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {FORMATS}")
     _refuse_inside_workdir(out)
     cfg, shapes, get = _open(os.fspath(path), step, fmt)
+    dropped = sorted(p for p in shapes if p.split("/")[0] in TRAINING_ONLY)
+    if dropped:
+        logging.info("not exported (used only in training): %s", ", ".join(dropped))
+        shapes = {p: s for p, s in shapes.items() if p not in dropped}
     os.makedirs(out, exist_ok=True)
     mean, std, size = cfg.data.mean, cfg.data.std, cfg.model.image.image_size
     logit_scale = float(get("logit_scale", None))

@@ -118,6 +118,11 @@ def _embeddings(emb: jax.Array, tokens: jax.Array | None):
     return emb, tokens
 
 
+# Parameter subtrees that only training reads: the view head serves SLIP's image-image term and,
+# as in SLIP, is not part of the encoder a checkpoint is exported as.
+TRAINING_ONLY = ("view_head",)
+
+
 class TwoTower(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs | int | None):
         """cfg: the `model` section of a jaxclip config; rngs: an `nnx.Rngs` (its `params`
