@@ -70,3 +70,26 @@ def run_steps(step, state, batch, n: int = 2):
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state.params)
+
+
+# A config of configs/ trained in CI: its own objective, data and pipeline, with one block per
+# tower, two steps on the small shapes set, every step logged and no evaluator.
+SHORT_RUN = ["train.steps=2", "train.log_every=1", "train.progress=false", "model.image.depth=1",
+             "model.text.depth=1", "evals={}", "data.train.dataset=shapes_small"]
+
+
+def train_short(config_path: str, overrides, workdir: str, logged=("loss",)):
+    """Trains `config_path` (a configs/ file, `path:arg` allowed) in the SHORT_RUN form plus
+    `overrides`; returns (config, the logged training rows), each row checked to hold finite
+    values of every key in `logged`."""
+    from jaxclip import train
+    from jaxclip.metrics import read_metrics
+
+    cfg = config.load(config_path, [*SHORT_RUN, *overrides])
+    train.train(cfg, workdir)
+    rows = [r for r in read_metrics(workdir) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, cfg.train.steps + 1))
+    for row in rows:
+        for key in logged:
+            assert np.isfinite(row[key]), (key, row)
+    return cfg, rows

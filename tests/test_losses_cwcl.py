@@ -17,8 +17,8 @@ import pytest
 
 from jaxclip import config, losses, sharding, train
 from jaxclip.losses import weighted
-from jaxclip.metrics import read_metrics
 from jaxclip.models import Encoded, l2_normalize
+from tests.helpers import train_short
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -112,13 +112,9 @@ def test_sharded_equals_single_device_in_loss_and_gradients(weight_tower, bidire
 
 def test_cwcl_with_a_locked_image_tower_trains(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXCLIP_CACHE", str(tmp_path / "cache"))
-    cfg = config.load(os.path.join(CONFIGS, "demo.py"), [
-        "loss.name=cwcl", "model.image.locked=True", "train.steps=2", "train.batch_size=8",
-        "train.log_every=1", "train.progress=false", "model.image.depth=1",
-        "model.text.depth=1", "evals={}", "data.train.dataset=shapes_small"])
-    train.train(cfg, str(tmp_path / "run"))
-    logged = [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
-    assert len(logged) == 2 and all(np.isfinite(r["loss"]) for r in logged)
+    _, logged = train_short(os.path.join(CONFIGS, "demo.py"), [
+        "loss.name=cwcl", "model.image.locked=True", "train.batch_size=8"],
+        str(tmp_path / "run"))
     assert 0 < logged[0]["cwcl_target_on_pair"] < 1 and "t2i_acc" in logged[0]
 
 

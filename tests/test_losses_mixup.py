@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxclip import config, losses, sharding, train
+from jaxclip import config, losses, sharding
 from jaxclip.losses.mixup import mixing_ratio, slerp
-from jaxclip.metrics import read_metrics
 from jaxclip.models import Encoded, l2_normalize
+from tests.helpers import train_short
 
 M2MIX_DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "m2mix_demo.py")
 
@@ -111,13 +111,9 @@ def test_sharded_equals_single_device_with_clip(shape):
 def test_training_logs_the_step_ratio_and_the_term(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXCLIP_CACHE", str(tmp_path / "cache"))
     # The config as written, in a short form (its full-length numbers: docs/objectives.md).
-    cfg = config.load(M2MIX_DEMO, ["train.steps=2", "train.batch_size=8", "train.log_every=1",
-                                   "train.progress=false", "model.image.depth=1",
-                                   "model.text.depth=1", "evals={}",
-                                   "data.train.dataset=shapes_small"])
+    cfg, rows = train_short(M2MIX_DEMO, ["train.batch_size=8"], str(tmp_path / "run"),
+                            logged=("loss", "loss_m2mix", "m2mix_lambda"))
     assert cfg.loss.aux.m2mix == 0.01 and cfg.loss.m2mix.alpha == 0.5
-    train.train(cfg, str(tmp_path / "run"))
-    rows = [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
     for row in rows:  # step s used the key of (seed, s - 1)
         key = jax.random.fold_in(jax.random.key(cfg.seed), row["step"] - 1)
         assert row["m2mix_lambda"] == pytest.approx(float(mixing_ratio(key, 0.5)), rel=1e-6)
