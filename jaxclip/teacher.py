@@ -12,7 +12,6 @@ it encodes the step's batch in inference mode, under stop_gradient, from the raw
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -53,27 +52,13 @@ def _check_tokenizers(cfg, tcfg, path: str) -> None:
             "teacher would read the student's token ids as other words")
 
 
-def check(cfg) -> str | None:
-    """The teacher's path if the objective reads one (else None); a ConfigError if it is needed
-    and missing, or set but unused."""
-    path = cfg.loss.teacher.path
-    if not losses.needs_teacher(cfg.loss):
-        return None
-    if not path:
-        raise config.ConfigError("loss.aux.kd / loss.aux.modx distil from a teacher: set "
-                                 "loss.teacher.path (a jaxclip workdir, HF or open_clip dir)")
-    if not os.path.isdir(path):
-        raise config.ConfigError(f"loss.teacher.path={path}: not a directory")
-    return path
-
-
 def load(cfg, mesh) -> Teacher | None:
     """The teacher `cfg.loss.teacher` names, placed on `mesh`; None if no term reads one."""
     from jaxclip.interop import sources
 
-    path = check(cfg)
-    if path is None:
+    if not losses.needs_teacher(cfg.loss):
         return None
+    path = cfg.loss.teacher.path  # named and a directory: checked in preflight (losses.distill)
     try:
         pre = sources.read(path, step=cfg.loss.teacher.step or None)
     except (ValueError, FileNotFoundError) as e:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxclip import config, flops, losses, runtime, sharding, teacher, tree
+from jaxclip import config, flops, losses, runtime, sharding, teacher, train, tree
 from jaxclip.interop import sources
 from jaxclip.models import Encoded, l2_normalize
 from tests.helpers import random_batch, tiny_config, train_short
@@ -254,10 +254,10 @@ def test_the_teacher_forward_counts_in_the_step_flops():
 def test_bad_teacher_settings_are_one_line_errors(teacher_dir, tmp_path):
     cfg = _distill_config("")
     with pytest.raises(config.ConfigError, match="set loss.teacher.path"):
-        teacher.check(cfg)
+        train.preflight(cfg)
     cfg.loss.teacher.path = str(tmp_path / "nowhere")
     with pytest.raises(config.ConfigError, match="not a directory"):
-        teacher.check(cfg)
+        train.preflight(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
     longer = _distill_config(teacher_dir, **{"model.text.context_length": 24})
     with pytest.raises(config.ConfigError, match="context_length 20 is shorter"):

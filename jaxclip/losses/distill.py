@@ -26,6 +26,8 @@ with the batch: α_mean = α_sum · b, i.e. the paper's setting is `loss.aux.mod
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -80,7 +82,18 @@ def kl_rows(target_logits: jax.Array, logits: jax.Array) -> jax.Array:
     return jnp.sum(jnp.exp(logp) * (logp - jax.nn.log_softmax(logits, axis=-1)), axis=-1)
 
 
-@register("kd", impls=("all_gather", "dense"), needs_teacher=True)
+def _teacher_given(cfg) -> None:
+    """Both terms read a teacher: its directory must be named and exist before a run starts (the
+    trainer loads it in build, jaxclip/teacher.py)."""
+    path = cfg.loss.teacher.path
+    if not path:
+        raise ValueError("loss.aux.kd / loss.aux.modx distil from a teacher: set "
+                         "loss.teacher.path (a jaxclip workdir, HF or open_clip dir)")
+    if not os.path.isdir(path):
+        raise ValueError(f"loss.teacher.path={path}: not a directory")
+
+
+@register("kd", impls=("all_gather", "dense"), needs_teacher=True, check=_teacher_given)
 def kd(enc, cfg, axis):
     """open_clip's distillation term: cross-entropy from the teacher's softmax to the
     student's, rows and columns, each at its own model's logit scale."""
@@ -102,7 +115,7 @@ def kd(enc, cfg, axis):
     return loss, metrics
 
 
-@register("modx", impls=("all_gather", "dense"), needs_teacher=True,
+@register("modx", impls=("all_gather", "dense"), needs_teacher=True, check=_teacher_given,
           config=dict(temperature=1.0, screen_wrong_rows=True))
 def modx(enc, cfg, axis):
     """Mod-X: KL from the old model's similarity rows (and columns) to the new model's, with

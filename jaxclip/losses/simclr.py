@@ -45,7 +45,17 @@ def _rows_loss(own, own_all, other_all, labels, scale):
     return lse - positive, hit
 
 
-@register("simclr", config=dict(temperature=0.1))
+def _views_given(cfg) -> None:
+    """The term contrasts views 0 and 1 through the view head: both must be configured."""
+    term = "loss.name=simclr" if cfg.loss.name == "simclr" else "loss.aux.simclr"
+    if cfg.data.views < 2:
+        raise ValueError(f"{term} contrasts two views of each image: set data.views=2 (it is "
+                         f"{cfg.data.views})")
+    if cfg.model.image.view_head.out < 1:
+        raise ValueError(f"{term} needs a view head: set model.image.view_head.out (e.g. 128)")
+
+
+@register("simclr", config=dict(temperature=0.1), check=_views_given)
 def simclr(enc, cfg, axis):
     """SimCLR's NT-Xent between two views of each image (SLIP); `loss.aux.simclr = weight`."""
     if VIEWS_KEY not in enc.emb:
