@@ -80,13 +80,18 @@ def encode(teacher: Teacher, params: dict, images: jax.Array, text: jax.Array,
     (B, T)), without gradient; embeddings only, and its log logit scale."""
     tcfg = teacher.cfg
     size = tcfg.model.image.image_size
-    pixels = normalize_images(images, tcfg.data.mean, tcfg.data.std)
-    if pixels.shape[1:3] != (size, size):
-        pixels = jax.image.resize(pixels, (pixels.shape[0], size, size, 3), "bilinear")
     pad = tcfg.model.text.context_length - text.shape[-1]
-    if pad:  # longer than the student's: the rest is padding (checked at load)
-        text = jnp.pad(text, ((0, 0), (0, pad)), constant_values=tcfg.model.text.pad_id)
     model = nnx.merge(teacher.layout.graphdef, params)
-    emb = accumulate.forward(lambda x: model.encode_all(x).emb, {"image": pixels, "text": text},
-                             microbatches, mesh)
+
+    def embed(x):
+        # Per micro-batch, so that no full-batch float copy of the pixels is kept either.
+        pixels = normalize_images(x["image"], tcfg.data.mean, tcfg.data.std)
+        if pixels.shape[1:3] != (size, size):
+            pixels = jax.image.resize(pixels, (pixels.shape[0], size, size, 3), "bilinear")
+        tokens = x["text"]
+        if pad:  # longer than the student's: the rest is padding (checked at load)
+            tokens = jnp.pad(tokens, ((0, 0), (0, pad)), constant_values=tcfg.model.text.pad_id)
+        return model.encode_all({"image": pixels, "text": tokens}).emb
+
+    emb = accumulate.forward(embed, {"image": images, "text": text}, microbatches, mesh)
     return jax.lax.stop_gradient(Encoded(emb, _log_scale(params, tcfg)))
